@@ -1,0 +1,145 @@
+"""Confab's entry point: flags -> settings -> presets -> model manager -> Gradio UI -> launch.
+
+Only the standard library is imported before the flags are parsed, so `--help` and
+`--list-presets` answer at once; Gradio and the engines load after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("confab")
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Settings:
+    preset: str | None = None
+    model: str | None = None
+    backend: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 7860
+    share: bool = False
+    auth: list[tuple[str, str]] = field(default_factory=list)
+    concurrency: int = 1
+    presets_dir: Path = HERE / "presets"
+    load: bool = True
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python app.py",
+        description="Confab: a web chat for local large language models.",
+        epilog="Examples: python app.py | python app.py --preset smollm2-transformers | "
+        "python app.py --model ~/models/qwen.gguf --port 8080",
+    )
+    p.add_argument("--preset", help="model preset to load at start (see --list-presets); default smollm2-llamacpp")
+    p.add_argument("--model", help="a hub id (org/name[@rev]), local folder or .gguf file to load instead of a preset")
+    p.add_argument("--backend", help="backend for --model: transformers or llamacpp (default: llamacpp for .gguf)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for your network (default %(default)s)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default %(default)s)")
+    p.add_argument("--share", action="store_true", help="also serve through a public Gradio share link")
+    p.add_argument("--auth", action="append", default=[], metavar="USER:PASS",
+                   help="require this login for the page (repeatable)")
+    p.add_argument("--auth-file", type=Path, help="file with one USER:PASS per line (# comments allowed)")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="replies generated at once; others wait in a visible queue (default %(default)s)")
+    p.add_argument("--presets-dir", type=Path, default=HERE / "presets", help="folder of model presets")
+    p.add_argument("--no-load", action="store_true", help="start without loading a model")
+    p.add_argument("--list-presets", action="store_true", help="list the model presets and exit")
+    return p.parse_args(argv)
+
+
+def read_auth(pairs: list[str], auth_file: Path | None) -> list[tuple[str, str]]:
+    lines = list(pairs)
+    if auth_file is not None:
+        try:
+            lines += auth_file.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise SystemExit(f"Cannot read --auth-file {auth_file}: {e.strerror}.") from None
+    creds = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not sep or not user or not password:
+            raise SystemExit(f"Bad login {line.split(':')[0]!r}: write it as USER:PASS.")
+        creds.append((user, password))
+    return creds
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    if args.concurrency < 1:
+        raise SystemExit("--concurrency must be at least 1.")
+    return Settings(
+        preset=args.preset, model=args.model, backend=args.backend, host=args.host, port=args.port,
+        share=args.share, auth=read_auth(args.auth, args.auth_file), concurrency=args.concurrency,
+        presets_dir=args.presets_dir, load=not args.no_load,
+    )
+
+
+def choose_spec(settings: Settings, presets: dict):
+    """The model to load at start: --model, else --preset, else the default preset."""
+    from backends.base import ModelSpec
+    from presets import DEFAULT_PRESET
+
+    if settings.model:
+        backend = settings.backend or ("llamacpp" if settings.model.endswith(".gguf") else "transformers")
+        return None, ModelSpec(name=Path(settings.model).name or settings.model, backend=backend, model=settings.model)
+    key = settings.preset or DEFAULT_PRESET
+    if key not in presets:
+        raise SystemExit(f"Unknown preset {key!r}. Known presets: {', '.join(presets)}.")
+    return key, presets[key]
+
+
+def list_presets(presets: dict) -> None:
+    width = max(map(len, presets), default=10)
+    for key, spec in presets.items():
+        print(f"{key:<{width}}  {spec.backend:<12}  {spec.model}\n{'':<{width}}  {spec.description or spec.name}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from presets import PresetError, load_model_presets, load_sampling_presets
+
+    try:
+        presets = load_model_presets(args.presets_dir)
+        sampling = load_sampling_presets(args.presets_dir / "sampling")
+    except PresetError as e:
+        raise SystemExit(str(e)) from None
+    if args.list_presets:
+        list_presets(presets)
+        return
+    settings = settings_from(args)
+    key, spec = choose_spec(settings, presets)
+    serve(settings, presets, sampling, key, spec)
+
+
+def serve(settings: Settings, presets: dict, sampling: dict, key: str | None, spec) -> None:
+    from backends.base import BackendError
+    from backends.manager import ModelManager
+    from ui.handlers import Handlers
+    from ui.layout import CSS, build
+
+    manager = ModelManager()
+    if settings.load:
+        try:
+            manager.load(spec)
+        except BackendError as e:
+            log.error("Could not load %s: %s The page will open without a model.", spec.name, e)
+    demo = build(Handlers(manager, presets, sampling), key, settings.concurrency)
+    demo.queue(default_concurrency_limit=settings.concurrency, max_size=256)
+    demo.launch(
+        server_name=settings.host, server_port=settings.port, share=settings.share,
+        auth=settings.auth or None, css=CSS, footer_links=["api"],
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The backend registry: a plain dict from name to class, filled by the `register` decorator.
+
+Importing this package imports each backend module, which is cheap: engines (torch,
+transformers, llama_cpp) are imported only when a backend loads a model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+from .base import Backend, BackendError, ModelSpec
+
+_REGISTRY: dict[str, type] = {}
+_T = TypeVar("_T", bound=type)
+
+
+def register(name: str) -> Callable[[_T], _T]:
+    def decorate(cls: _T) -> _T:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"backend {name!r} is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise BackendError(f"Unknown backend {name!r}; choose one of: {', '.join(names())}.") from None
+
+
+def create(spec: ModelSpec) -> Backend:
+    """A new, unloaded backend instance for `spec` (call `.load(spec)` on it)."""
+    return get(spec.backend)()
+
+
+# Each module registers itself on import.
+from . import hf, llamacpp  # noqa: E402,F401

@@ -1,0 +1,276 @@
+"""The model-layer contract: messages, sampling parameters, chunks, model specs, errors.
+
+Everything above the backends (manager, UI, API, terminal) speaks only these types. This
+module knows nothing about Gradio, HTTP or any engine, and imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, ClassVar, Iterator, Protocol
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class BackendError(Exception):
+    """A failure a person can act on; its message says what went wrong and what to do."""
+
+
+class ParamError(BackendError, ValueError):
+    """Sampling parameters or a model spec that do not make sense."""
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ParamError(f"Unknown message role {self.role!r}; use one of {', '.join(ROLES)}.")
+        if not isinstance(self.content, str):
+            raise ParamError(f"Message content must be text, got {type(self.content).__name__}.")
+
+    def to_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+def _unknown_keys(cls: type, data: dict[str, Any], where: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ParamError(
+            f"Unknown {where} {', '.join(map(repr, unknown))}; known ones are: {', '.join(sorted(known))}."
+        )
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Every sampling knob. Validates itself; backends map it onto their engine."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 40
+    min_p: float = 0.0
+    repetition_penalty: float = 1.1
+    do_sample: bool = True
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Normalise types first so the checks below compare numbers, not strings.
+        object.__setattr__(self, "stop", _as_stop_tuple(self.stop))
+        for name, kind in (("max_new_tokens", int), ("top_k", int)):
+            object.__setattr__(self, name, _as_number(name, getattr(self, name), kind))
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            object.__setattr__(self, name, _as_number(name, getattr(self, name), float))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", _as_number("seed", self.seed, int))
+        if not isinstance(self.do_sample, bool):
+            raise ParamError(f"do_sample must be true or false, got {self.do_sample!r}.")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ParamError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
+        if self.temperature < 0:
+            raise ParamError(
+                f"temperature must be 0 or more, got {self.temperature}. Use 0 (or sampling off) for greedy output."
+            )
+        if not 0 < self.top_p <= 1:
+            raise ParamError(f"top_p must be above 0 and at most 1, got {self.top_p}. Use 1 to turn it off.")
+        if self.top_k < 0:
+            raise ParamError(f"top_k must be 0 or more, got {self.top_k}. Use 0 to turn it off.")
+        if not 0 <= self.min_p < 1:
+            raise ParamError(f"min_p must be at least 0 and below 1, got {self.min_p}. Use 0 to turn it off.")
+        if self.repetition_penalty <= 0:
+            raise ParamError(
+                f"repetition_penalty must be above 0, got {self.repetition_penalty}. Use 1 to turn it off."
+            )
+        if self.seed is not None and self.seed < 0:
+            raise ParamError(f"seed must be 0 or more, got {self.seed}. Leave it empty for a random seed.")
+
+    @property
+    def greedy(self) -> bool:
+        """Sampling off, or a temperature of 0, both mean: always take the likeliest token."""
+        return not self.do_sample or self.temperature == 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: "GenerationParams | None" = None) -> "GenerationParams":
+        """Overlay `data` on `base` (or the defaults); unknown keys are an error."""
+        _unknown_keys(cls, data, "sampling setting")
+        values = dataclasses.asdict(base or cls())
+        values.update(data)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "GenerationParams":
+        return self.from_dict(changes, base=self)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["stop"] = list(self.stop)
+        return data
+
+    def check_context(self, n_ctx: int) -> None:
+        if self.max_new_tokens >= n_ctx:
+            raise ParamError(
+                f"max_new_tokens ({self.max_new_tokens}) must be smaller than the model's context "
+                f"({n_ctx} tokens); lower it, or load the model with a larger context."
+            )
+
+
+def _as_number(name: str, value: Any, kind: type) -> Any:
+    if isinstance(value, bool):
+        raise ParamError(f"{name} must be a number, got {value!r}.")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ParamError(f"{name} must be a number, got {value!r}.") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ParamError(f"{name} must be a finite number, got {value!r}.")
+    if kind is int:
+        if number != int(number):
+            raise ParamError(f"{name} must be a whole number, got {value!r}.")
+        return int(number)
+    return number
+
+
+def _as_stop_tuple(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ParamError(f"stop must be a list of strings, got {value!r}.") from None
+    if not all(isinstance(s, str) for s in items):
+        raise ParamError(f"stop must be a list of strings, got {value!r}.")
+    return tuple(dict.fromkeys(s for s in items if s))  # drop empties and repeats, keep order
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    ttft_s: float | None = None
+    total_s: float = 0.0
+    dropped_messages: int = 0
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode speed: tokens after the first, over the time after the first."""
+        if self.ttft_s is None or self.completion_tokens < 2:
+            return None
+        decode_s = self.total_s - self.ttft_s
+        return (self.completion_tokens - 1) / decode_s if decode_s > 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["tokens_per_s"] = self.tokens_per_s
+        return data
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A text delta. The last chunk of a stream carries finish_reason and usage."""
+
+    text: str = ""
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered conversation: the text a person can read and the ids the engine sees."""
+
+    text: str
+    token_ids: list[int]
+    stop: tuple[str, ...] = ()
+
+
+ProgressFn = Callable[[float, str], None]  # (fraction 0..1, what is happening)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to load one model: which backend, which weights, and how to place them."""
+
+    name: str
+    backend: str
+    model: str  # hub id (org/name[@revision]), local folder, .gguf path, or "embedded"
+    description: str = ""
+    gguf_file: str | None = None
+    revision: str | None = None
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    gpu_id: int | None = None
+    max_memory: dict[Any, str] | None = None
+    quantization: str = "none"  # none | 8bit | 4bit
+    n_ctx: int | None = None
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+    chat_template: str | None = None  # built-in template name or a path to a Jinja file
+    stop: tuple[str, ...] = ()
+    trust_remote_code: bool = False
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", _as_stop_tuple(self.stop))
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ParamError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}.")
+        if self.quantization not in ("none", "8bit", "4bit"):
+            raise ParamError(f"quantization must be none, 8bit or 4bit, got {self.quantization!r}.")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ParamError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}.")
+        if self.n_ctx is not None and self.n_ctx < 16:
+            raise ParamError(f"n_ctx must be at least 16, got {self.n_ctx}.")
+        GenerationParams.from_dict(self.sampling)  # fail at load time, not at first message
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        _unknown_keys(cls, data, "model setting")
+        return cls(**data)
+
+    @property
+    def default_params(self) -> GenerationParams:
+        return GenerationParams.from_dict(self.sampling)
+
+
+class Backend(Protocol):
+    name: ClassVar[str]
+    n_ctx: int
+
+    def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> None: ...
+
+    def stream(
+        self, messages: list[Message], params: GenerationParams, session_id: str | None = None
+    ) -> Iterator[Chunk]: ...
+
+    def render(self, messages: list[Message]) -> Prompt: ...
+
+    def unload(self) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class Clock:
+    """Times one reply: time to first token and total, for Usage."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+
+    def mark_token(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    def fill(self, usage: Usage) -> Usage:
+        now = time.perf_counter()
+        usage.ttft_s = None if self.first is None else self.first - self.start
+        usage.total_s = now - self.start
+        return usage

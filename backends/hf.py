@@ -1,0 +1,281 @@
+"""Hugging Face transformers backend: hub ids, local folders and GGUF files, CPU or CUDA.
+
+One worker thread runs `generate` per reply and streams through `TextIteratorStreamer`;
+a `StoppingCriteria` watches a stop event that the consumer sets when it closes the stream,
+so the engine is idle within one token. Errors from the worker travel back as values.
+torch and transformers are imported in `load`, never at module import.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Iterator
+
+from . import register
+from .base import BackendError, Chunk, Clock, GenerationParams, Message, ModelSpec, ProgressFn, Prompt, Usage
+from .locate import locate
+from .prompting import chunks_from_deltas, encode_segments, fit_context
+from .templates import BUILTIN, ChatTemplate, render_segments, resolve
+
+log = logging.getLogger(__name__)
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+FALLBACK_TEMPLATE = "chatml"
+
+
+def _import_engine() -> tuple[Any, Any]:
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise BackendError(
+            f"The transformers backend needs torch and transformers ({e.name} is missing): "
+            "pip install -r requirements.txt"
+        ) from e
+    return torch, transformers
+
+
+@register("transformers")
+class TransformersBackend:
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.template: ChatTemplate | None = None
+        self.spec: ModelSpec | None = None
+        self.n_ctx = 0
+        self.device = "cpu"
+        self._eos_ids: list[int] = []
+        self._text_stops: tuple[str, ...] = ()
+
+    # ---- loading -------------------------------------------------------------------------
+    def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> None:
+        torch, transformers = _import_engine()
+        where = locate(spec.model, spec.gguf_file, spec.revision)
+        common: dict[str, Any] = {"revision": where.revision, "trust_remote_code": spec.trust_remote_code}
+        if where.gguf_file:
+            common["gguf_file"] = where.gguf_file
+        progress and progress(0.05, f"Loading tokenizer for {spec.name}")
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(where.path, **common)
+            progress and progress(0.2, f"Loading weights for {spec.name}")
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                where.path, **common, **self._placement(spec, torch, transformers)
+            )
+        except (OSError, ValueError) as e:
+            self.unload()
+            raise BackendError(_load_advice(spec, where.local, e)) from e
+        self.model.eval()
+        self.spec = spec
+        self.device = str(self.model.device)
+        self.n_ctx = spec.n_ctx or int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
+        self._setup_template(spec)
+        progress and progress(1.0, f"Loaded {spec.name}")
+
+    def _placement(self, spec: ModelSpec, torch: Any, transformers: Any) -> dict[str, Any]:
+        """dtype, device_map, max_memory and quantization as from_pretrained takes them."""
+        cuda = torch.cuda.is_available()
+        device = spec.device
+        if spec.gpu_id is not None:
+            device = f"cuda:{spec.gpu_id}"
+        if device.startswith("cuda") and not cuda:
+            raise BackendError(
+                f"{spec.name} asks for {device}, but torch sees no CUDA GPU. Set device = \"cpu\" "
+                "(or \"auto\") in the preset, or install a CUDA build of torch."
+            )
+        kwargs: dict[str, Any] = {}
+        if device == "auto":
+            kwargs["device_map"] = "auto" if cuda else {"": "cpu"}
+            if spec.max_memory:
+                kwargs["max_memory"] = _max_memory(spec.max_memory)
+        else:
+            kwargs["device_map"] = {"": "cuda:0" if device == "cuda" else device}
+        on_gpu = cuda and device != "cpu"
+        if spec.dtype != "auto":
+            kwargs["dtype"] = getattr(torch, DTYPES[spec.dtype])
+        else:  # the checkpoint's own dtype on a GPU; fp32 on CPU, where half precision is slow
+            kwargs["dtype"] = "auto" if on_gpu else torch.float32
+        if spec.quantization != "none":
+            kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+                load_in_8bit=spec.quantization == "8bit",
+                load_in_4bit=spec.quantization == "4bit",
+                bnb_4bit_compute_dtype=torch.bfloat16 if on_gpu else torch.float32,
+                bnb_4bit_quant_type="nf4",
+            )
+        return kwargs
+
+    def _setup_template(self, spec: ModelSpec) -> None:
+        tok = self.tokenizer
+        if spec.chat_template:
+            self.template = resolve(spec.chat_template)
+        elif getattr(tok, "chat_template", None):
+            self.template = ChatTemplate(
+                "model", tok.chat_template, bos_token=tok.bos_token or "", eos_token=tok.eos_token or ""
+            )
+        else:
+            log.warning("%s ships no chat template; using the built-in %s", spec.name, FALLBACK_TEMPLATE)
+            self.template = BUILTIN[FALLBACK_TEMPLATE]
+        stops = tuple(self.template.stop) + tuple(spec.stop)
+        # Stop words that are single control tokens end generation in the engine (the streamer
+        # hides special tokens, so text matching would never see them); the rest match as text.
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set([eos] if isinstance(eos, int) else list(eos or []))
+        if tok.eos_token_id is not None:
+            eos_ids.add(tok.eos_token_id)
+        text_stops = []
+        for word in stops:
+            ids = tok.convert_tokens_to_ids(word) if word in tok.all_special_tokens else None
+            if isinstance(ids, int) and ids != tok.unk_token_id:
+                eos_ids.add(ids)
+            else:
+                text_stops.append(word)
+        self._eos_ids = sorted(eos_ids)
+        self._text_stops = tuple(text_stops)
+
+    def unload(self) -> None:
+        had_model = self.model is not None
+        self.model = self.tokenizer = None
+        if had_model:
+            import gc
+
+            import torch
+
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    # ---- prompts -------------------------------------------------------------------------
+    def render(self, messages: list[Message]) -> Prompt:
+        self._require_loaded()
+        segments = render_segments(self.template, messages)
+        ids = encode_segments(segments, self._encode)
+        return Prompt("".join(s.text for s in segments), ids, self._text_stops)
+
+    def _encode(self, text: str, special: bool) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"]
+
+    # ---- generation ----------------------------------------------------------------------
+    def stream(
+        self, messages: list[Message], params: GenerationParams, session_id: str | None = None
+    ) -> Iterator[Chunk]:
+        self._require_loaded()
+        clock = Clock()
+        prompt, dropped = fit_context(self.render, messages, params, self.n_ctx)
+        usage = Usage(prompt_tokens=len(prompt.token_ids), dropped_messages=dropped)
+        deltas = self._generate(prompt.token_ids, params)
+        yield from chunks_from_deltas(deltas, params, usage, clock, stop=self._text_stops)
+
+    def _generate(self, ids: list[int], params: GenerationParams) -> Iterator[tuple[str, int]]:
+        torch, transformers = _import_engine()
+        stop_event = threading.Event()
+        counter = _TokenCounter(len(ids), stop_event)
+        streamer = transformers.TextIteratorStreamer(
+            self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None
+        )
+        kwargs = dict(
+            input_ids=torch.tensor([ids], device=self.model.device),
+            attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=self.model.device),
+            streamer=streamer,
+            stopping_criteria=transformers.StoppingCriteriaList([counter]),
+            eos_token_id=self._eos_ids or None,
+            pad_token_id=self.tokenizer.pad_token_id or (self._eos_ids[0] if self._eos_ids else None),
+            **_sampling_kwargs(params),
+        )
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                if params.seed is not None:
+                    transformers.set_seed(params.seed)
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, re-raised there
+                log.exception("generation failed")
+                failure.append(e)
+                streamer.end()
+
+        worker = threading.Thread(target=work, name="hf-generate", daemon=True)
+        worker.start()
+        try:
+            for text in streamer:
+                if failure:
+                    break
+                yield text, counter.generated
+        finally:
+            stop_event.set()
+            worker.join()
+        if failure:
+            raise BackendError(_generation_advice(failure[0])) from failure[0]
+
+    def _require_loaded(self) -> None:
+        if self.model is None:
+            raise BackendError("No model is loaded: choose one and press Load.")
+
+    def describe(self) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "backend": self.name,
+            "model": spec.name if spec else None,
+            "device": self.device,
+            "n_ctx": self.n_ctx,
+            "dtype": str(getattr(self.model, "dtype", "")).replace("torch.", "") if self.model else None,
+            "quantization": spec.quantization if spec else None,
+        }
+
+
+class _TokenCounter:
+    """A StoppingCriteria that counts generated tokens and stops when the event is set."""
+
+    def __init__(self, prompt_len: int, stop_event: threading.Event) -> None:
+        self.prompt_len = prompt_len
+        self.stop_event = stop_event
+        self.generated = 0
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        self.generated = int(input_ids.shape[-1]) - self.prompt_len
+        return torch.full((input_ids.shape[0],), self.stop_event.is_set(), dtype=torch.bool)
+
+
+def _sampling_kwargs(params: GenerationParams) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": params.max_new_tokens,
+        "repetition_penalty": params.repetition_penalty,
+    }
+    if params.greedy:
+        # Explicit neutral values keep generate() from warning about the model's own defaults.
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        kwargs.update(
+            do_sample=True,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k or None,
+            min_p=params.min_p or None,
+        )
+    return kwargs
+
+
+def _max_memory(raw: dict[Any, str]) -> dict[Any, str]:
+    """TOML keys are strings; accelerate wants GPU ids as ints: {"0": "20GiB"} -> {0: "20GiB"}."""
+    return {int(k) if str(k).isdigit() else k: v for k, v in raw.items()}
+
+
+def _load_advice(spec: ModelSpec, local: bool, error: Exception) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if not local:
+        return (
+            f"Could not load {spec.model!r} from the Hugging Face hub ({text}). Check the name, that you "
+            "are online (or that it is already in the local cache), and set HF_TOKEN for gated models."
+        )
+    return f"Could not load {spec.name} from {spec.model} ({text})."
+
+
+def _generation_advice(error: BaseException) -> str:
+    name = type(error).__name__
+    if "OutOfMemory" in name or "out of memory" in str(error).lower():
+        return (
+            "The model ran out of memory while answering. Lower max_new_tokens, clear some of the "
+            "conversation, or load the model in 4-bit."
+        )
+    return f"Generation failed ({name}: {error}). The model is still loaded; try again or change the settings."

@@ -1,0 +1,124 @@
+"""Engine-independent pieces of a reply: prompt encoding, fitting the context, stop words.
+
+Backends hand in an `encode(text, special)` function and an iterator of text deltas; this
+module turns them into token ids and `Chunk`s. It knows no engine and no UI.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+from .base import BackendError, Chunk, Clock, GenerationParams, Message, Prompt, Usage
+from .templates import Segment
+
+Encode = Callable[[str, bool], list[int]]  # (text, parse control tokens?) -> ids
+
+
+def encode_segments(segments: Iterable[Segment], encode: Encode) -> list[int]:
+    """Template text may hold control tokens; message content never does."""
+    ids: list[int] = []
+    for seg in segments:
+        ids.extend(encode(seg.text, not seg.is_content))
+    return ids
+
+
+def fit_context(
+    render: Callable[[list[Message]], Prompt], messages: list[Message], params: GenerationParams, n_ctx: int
+) -> tuple[Prompt, int]:
+    """Render, dropping the oldest turns (never the system prompt or the last message) to fit.
+
+    Returns the prompt and how many messages were left out. Raises a readable error when even
+    the last message does not fit.
+    """
+    params.check_context(n_ctx)
+    budget = n_ctx - params.max_new_tokens
+    system = [m for m in messages[:1] if m.role == "system"]
+    rest = messages[len(system) :]
+    dropped = 0
+    while True:
+        prompt = render(system + rest)
+        if len(prompt.token_ids) <= budget:
+            return prompt, dropped
+        if len(rest) <= 1:
+            break
+        # Drop a whole user/assistant exchange at a time so roles keep alternating.
+        step = 2 if len(rest) > 2 and rest[0].role == "user" and rest[1].role == "assistant" else 1
+        rest = rest[step:]
+        dropped += step
+    raise BackendError(
+        f"The last message and the reply do not fit the model's context: the prompt is "
+        f"{len(prompt.token_ids)} tokens, max_new_tokens is {params.max_new_tokens}, and the context "
+        f"holds {n_ctx}. Shorten the message or the system prompt, lower max_new_tokens, or load the "
+        f"model with a larger context."
+    )
+
+
+class StopMatcher:
+    """Finds stop words in streamed text, holding back a tail that may be the start of one."""
+
+    def __init__(self, stop: Iterable[str]) -> None:
+        self.stop = tuple(s for s in stop if s)
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.buffer = ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Returns (text safe to show, whether a stop word was reached)."""
+        self.buffer += delta
+        if not self.stop:
+            out, self.buffer = self.buffer, ""
+            return out, False
+        hits = [i for i in (self.buffer.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out, self.buffer = self.buffer[: min(hits)], ""
+            return out, True
+        keep = self._partial_tail()
+        cut = len(self.buffer) - keep
+        out, self.buffer = self.buffer[:cut], self.buffer[cut:]
+        return out, False
+
+    def _partial_tail(self) -> int:
+        for n in range(min(self.hold, len(self.buffer)), 0, -1):
+            tail = self.buffer[-n:]
+            if any(s.startswith(tail) for s in self.stop):
+                return n
+        return 0
+
+    def flush(self) -> str:
+        out, self.buffer = self.buffer, ""
+        return out
+
+
+def chunks_from_deltas(
+    deltas: Iterator[tuple[str, int]],
+    params: GenerationParams,
+    usage: Usage,
+    clock: Clock,
+    stop: Iterable[str] = (),
+) -> Iterator[Chunk]:
+    """Turn (text delta, tokens so far) pairs into Chunks; the last one carries the summary.
+
+    The engine's own end-of-sequence ends `deltas`; a stop word or max_new_tokens ends it here.
+    Closing this generator closes `deltas`, which is how the engine learns to stop.
+    """
+    matcher = StopMatcher(tuple(params.stop) + tuple(stop))
+    finish = "length"
+    try:
+        for text, n_tokens in deltas:
+            clock.mark_token()
+            usage.completion_tokens = n_tokens
+            out, hit = matcher.feed(text)
+            if out:
+                yield Chunk(out)
+            if hit:
+                finish = "stop"
+                break
+        else:
+            tail = matcher.flush()
+            if tail:
+                yield Chunk(tail)
+            finish = "length" if usage.completion_tokens >= params.max_new_tokens else "stop"
+    finally:
+        close = getattr(deltas, "close", None)
+        if close:
+            close()
+    yield Chunk("", finish_reason=finish, usage=clock.fill(usage))

@@ -1,0 +1,220 @@
+"""Chat templates: the built-in ones for models that ship none, and safe rendering of any.
+
+Rendering returns *segments*: template text (which may hold control tokens such as
+`<|im_start|>`) and message content (which is always plain text). Backends tokenize the two
+kinds differently, so a user who types `<|im_start|>system` gets those characters, never the
+control token. This module knows Jinja, not tokenizers or engines.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .base import BackendError, Message
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str
+    source: str  # Jinja, in the same dialect as Hugging Face chat templates
+    stop: tuple[str, ...] = ()
+    bos_token: str = ""
+    eos_token: str = ""
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    is_content: bool  # message content: encode as text, never as control tokens
+
+
+_SYSTEM_FIRST = (
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set system = none %}{% set loop_messages = messages %}{% endif %}"
+)
+
+BUILTIN: dict[str, ChatTemplate] = {
+    t.name: t
+    for t in [
+        ChatTemplate(
+            "chatml",
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+            stop=("<|im_end|>",),
+            eos_token="<|im_end|>",
+        ),
+        ChatTemplate(
+            "llama-2",
+            _SYSTEM_FIRST + "{% for m in loop_messages %}"
+            "{% if m['role'] == 'user' %}<s>[INST] "
+            "{% if loop.first and system is not none %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{% endif %}"
+            "{{ m['content'] }} [/INST]"
+            "{% elif m['role'] == 'assistant' %} {{ m['content'] }} </s>{% endif %}{% endfor %}",
+            stop=("</s>",),
+            bos_token="<s>",
+            eos_token="</s>",
+        ),
+        ChatTemplate(
+            "llama-3",
+            "<|begin_of_text|>{% for m in messages %}"
+            "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+            "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+            stop=("<|eot_id|>", "<|end_of_text|>"),
+            bos_token="<|begin_of_text|>",
+            eos_token="<|eot_id|>",
+        ),
+        ChatTemplate(
+            "vicuna-v1",
+            _SYSTEM_FIRST + "{% if system is none %}{% set system = 'A chat between a curious user and an "
+            "artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers "
+            "to the user\\'s questions.' %}{% endif %}{{ system }} "
+            "{% for m in loop_messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
+            "{% elif m['role'] == 'assistant' %}ASSISTANT: {{ m['content'] }}</s>{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}ASSISTANT:{% endif %}",
+            stop=("</s>", "USER:"),
+            bos_token="<s>",
+            eos_token="</s>",
+        ),
+        ChatTemplate(
+            "zephyr",
+            "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+            stop=("</s>",),
+            eos_token="</s>",
+        ),
+        ChatTemplate(
+            "phi-3",
+            "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+            stop=("<|end|>", "<|endoftext|>"),
+            eos_token="<|end|>",
+        ),
+        ChatTemplate(
+            # Gemma has no system role: the system text opens the first user turn.
+            "gemma",
+            _SYSTEM_FIRST + "<bos>{% for m in loop_messages %}"
+            "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+            "{% if loop.first and system is not none %}{{ system }}\n\n{% endif %}"
+            "{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+            "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+            stop=("<end_of_turn>",),
+            bos_token="<bos>",
+            eos_token="<end_of_turn>",
+        ),
+        ChatTemplate(
+            # OpenChatKit's `<human>:` / `<bot>:` turns; a system prompt is a plain first line.
+            "openchatkit",
+            _SYSTEM_FIRST + "{% if system is not none %}{{ system }}\n{% endif %}"
+            "{% for m in loop_messages %}{% if m['role'] == 'user' %}<human>: {{ m['content'] }}\n"
+            "{% elif m['role'] == 'assistant' %}<bot>: {{ m['content'] }}\n{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}<bot>:{% endif %}",
+            stop=("<human>:",),
+        ),
+        ChatTemplate(
+            "internlm2",
+            "<s>{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+            stop=("<|im_end|>",),
+            bos_token="<s>",
+            eos_token="<|im_end|>",
+        ),
+    ]
+}
+
+
+def names() -> list[str]:
+    return sorted(BUILTIN)
+
+
+def resolve(name_or_path: str, base_dir: Path | None = None) -> ChatTemplate:
+    """A built-in template by name, or a Jinja file (relative paths are taken from base_dir)."""
+    if name_or_path in BUILTIN:
+        return BUILTIN[name_or_path]
+    path = Path(name_or_path).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    if path.is_file():
+        return ChatTemplate(name=path.name, source=path.read_text(encoding="utf-8"))
+    raise BackendError(
+        f"Unknown chat template {name_or_path!r}: not a built-in one ({', '.join(names())}) "
+        f"and no file at {path}."
+    )
+
+
+def _raise(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+@lru_cache(maxsize=32)
+def _compile(source: str) -> jinja2.Template:
+    # Same environment settings as transformers' chat templates, so model templates render alike.
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def render_segments(
+    template: ChatTemplate | str,
+    messages: Iterable[Message],
+    add_generation_prompt: bool = True,
+    **context: Any,
+) -> list[Segment]:
+    """Render messages through a template, keeping message content apart from template text."""
+    if isinstance(template, str):
+        template = ChatTemplate(name="custom", source=template)
+    messages = list(messages)
+    context = {"bos_token": template.bos_token, "eos_token": template.eos_token, **context}
+    nonce = secrets.token_hex(4)
+    marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(messages))]
+    try:
+        compiled = _compile(template.source)
+        marked = compiled.render(
+            messages=[{"role": m.role, "content": mark} for m, mark in zip(messages, marks)],
+            add_generation_prompt=add_generation_prompt,
+            **context,
+        )
+        plain = compiled.render(
+            messages=[m.to_dict() for m in messages], add_generation_prompt=add_generation_prompt, **context
+        )
+    except jinja2.TemplateError as e:
+        raise BackendError(f"The chat template {template.name!r} could not render this conversation: {e}") from e
+    return _split(marked, nonce, messages, plain)
+
+
+def _split(marked: str, nonce: str, messages: list[Message], plain: str) -> list[Segment]:
+    pattern = re.compile(f"\ue000{nonce}:(\\d+)\ue001")
+    candidates = []
+    # Templates that trim content (llama-3 and gemma from the hub do) must still match the
+    # text the template itself renders, so try the content as given, then stripped.
+    for shape in (lambda s: s, str.strip):
+        segments: list[Segment] = []
+        pos = 0
+        for match in pattern.finditer(marked):
+            if match.start() > pos:
+                segments.append(Segment(marked[pos : match.start()], False))
+            segments.append(Segment(shape(messages[int(match.group(1))].content), True))
+            pos = match.end()
+        if pos < len(marked):
+            segments.append(Segment(marked[pos:], False))
+        segments = [s for s in segments if s.text]
+        if "".join(s.text for s in segments) == plain:
+            return segments
+        candidates.append(segments)
+    return candidates[0]  # the template rewrites content some other way: keep it as typed
+
+
+def render_text(template: ChatTemplate | str, messages: Iterable[Message], **kwargs: Any) -> str:
+    return "".join(s.text for s in render_segments(template, messages, **kwargs))

@@ -1,0 +1,133 @@
+"""Shared fixtures: a tiny transformers model built in the run, the embedded llama.cpp model,
+and a launched Confab app on a free port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "what is the capital of france? paris is the capital of france.",
+    "hello there, how are you today? i am fine, thank you.",
+    "large language models predict the next token in a sequence of text.",
+] * 20
+
+
+def build_tiny_model(folder: Path) -> Path:
+    """A ~100k-parameter Llama with a trained BPE tokenizer and a ChatML template, saved to folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # A zero row gives the end token logit 0 while the others spread around it, so greedy
+        # decoding of this random model runs to max_new_tokens instead of stopping by chance.
+        model.lm_head.weight[fast.eos_token_id] = 0
+    model.generation_config.eos_token_id = fast.eos_token_id
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def llama_backend():
+    from backends import create
+    from presets import load_model_presets
+
+    spec = load_model_presets()["smollm2-llamacpp"]
+    backend = create(spec)
+    backend.load(spec)
+    yield backend
+    backend.unload()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningApp:
+    def __init__(self, *args: str, timeout: float = 90) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.log_path = ARTIFACTS / f"app-{self.port}.log"
+        self.log = open(self.log_path, "w")
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py"), "--port", str(self.port), *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        )
+        self._wait(timeout)
+
+    def _wait(self, timeout: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"app exited early:\n{self.log_path.read_text()}")
+            try:
+                if httpx.get(self.url + "/gradio_api/info", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"app did not start in {timeout}s:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def app():
+    """The real app on the embedded model, two replies allowed in the queue at once."""
+    running = RunningApp("--concurrency", "2")
+    yield running
+    running.stop()

@@ -1,0 +1,57 @@
+"""FakeEngineBackend: a named fake for testing the layers above a backend (manager, UI).
+
+It streams the words of a canned reply, one per step, and records when it was stopped.
+It is never used to test an engine."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from backends import register
+from backends.base import BackendError, Chunk, Clock, GenerationParams, Message, Prompt, Usage
+from backends.prompting import chunks_from_deltas, fit_context
+
+
+@register("fake-engine")
+class FakeEngineBackend:
+    reply = "one two three four five six seven eight nine ten"
+
+    def __init__(self) -> None:
+        self.spec = None
+        self.n_ctx = 4096
+        self.steps = 0
+        self.closed = threading.Event()
+        self.step_delay = 0.0
+
+    def load(self, spec, progress=None):
+        if spec.model == "fail":
+            raise BackendError("fake load failure")
+        self.spec = spec
+        progress and progress(1.0, "loaded")
+
+    def render(self, messages: list[Message]) -> Prompt:
+        text = "".join(f"{m.role}:{m.content}\n" for m in messages)
+        return Prompt(text, [ord(c) % 50 for c in text.split()[0]] * len(text.split()))
+
+    def stream(self, messages, params: GenerationParams, session_id=None):
+        clock = Clock()
+        prompt, dropped = fit_context(self.render, messages, params, self.n_ctx)
+        usage = Usage(prompt_tokens=len(prompt.token_ids), dropped_messages=dropped)
+        yield from chunks_from_deltas(self._deltas(params), params, usage, clock)
+
+    def _deltas(self, params):
+        try:
+            for i, word in enumerate(self.reply.split()[: params.max_new_tokens], 1):
+                time.sleep(self.step_delay)
+                self.steps += 1
+                yield (" " if i > 1 else "") + word, i
+        finally:
+            self.closed.set()
+
+    def unload(self):
+        self.spec = None
+
+    def describe(self):
+        return {"backend": self.name, "model": self.spec.name if self.spec else None, "device": "none",
+                "n_ctx": self.n_ctx}

@@ -1,0 +1,50 @@
+import pytest
+
+from backends.base import BackendError, GenerationParams, Message, Prompt
+from backends.prompting import StopMatcher, fit_context
+
+
+def feed_all(matcher, pieces):
+    out, stopped = "", False
+    for p in pieces:
+        text, stopped = matcher.feed(p)
+        out += text
+        if stopped:
+            return out, True
+    return out + matcher.flush(), False
+
+
+def test_stop_word_split_across_deltas_is_caught_and_hidden():
+    assert feed_all(StopMatcher(["<human>:"]), ["Hi there\n<hu", "man>: next"]) == ("Hi there\n", True)
+
+
+def test_partial_match_that_does_not_complete_is_released():
+    assert feed_all(StopMatcher(["###"]), ["a #", "# b"]) == ("a ## b", False)
+
+
+def test_no_stop_words_passes_text_through_immediately():
+    m = StopMatcher([])
+    assert m.feed("abc") == ("abc", False)
+
+
+def test_earliest_stop_word_wins():
+    assert feed_all(StopMatcher(["B", "A"]), ["xxAyyB"]) == ("xx", True)
+
+
+def render(messages):
+    # one token per word
+    return Prompt("", [0] * sum(len(m.content.split()) for m in messages))
+
+
+def test_fit_context_drops_oldest_exchanges_but_keeps_system_and_last():
+    msgs = [Message("system", "s " * 5)] + [
+        Message("user" if i % 2 == 0 else "assistant", "w " * 10) for i in range(6)
+    ] + [Message("user", "last question")]
+    prompt, dropped = fit_context(render, msgs, GenerationParams(max_new_tokens=10), n_ctx=40)
+    assert dropped == 4 and len(prompt.token_ids) <= 30
+
+
+def test_fit_context_errors_when_last_message_cannot_fit():
+    msgs = [Message("user", "w " * 100)]
+    with pytest.raises(BackendError, match="do not fit.*context"):
+        fit_context(render, msgs, GenerationParams(max_new_tokens=10), n_ctx=50)

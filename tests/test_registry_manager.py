@@ -1,0 +1,94 @@
+import threading
+
+import pytest
+
+import backends
+from backends.base import BackendError, GenerationParams, Message, ModelSpec
+from backends.manager import ModelManager
+from fakes import FakeEngineBackend
+
+FAKE = ModelSpec(name="fake", backend="fake-engine", model="x")
+
+
+def test_registry_lists_the_real_backends_and_creates_instances():
+    assert {"transformers", "llamacpp"} <= set(backends.names())
+    assert type(backends.create(FAKE)) is FakeEngineBackend
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(BackendError, match="Unknown backend 'nope'.*llamacpp"):
+        backends.create(ModelSpec(name="x", backend="nope", model="m"))
+
+
+def test_registering_a_second_class_under_a_taken_name_fails():
+    with pytest.raises(ValueError):
+        backends.register("fake-engine")(type("Other", (), {}))
+
+
+def test_backend_modules_do_not_import_engines():
+    import subprocess, sys
+
+    code = "import sys, backends; print(any(m in sys.modules for m in ('torch', 'transformers', 'llama_cpp')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_stream_without_a_model_says_to_load_one():
+    with pytest.raises(BackendError, match="No model is loaded"):
+        list(ModelManager().stream([Message("user", "hi")], GenerationParams()))
+
+
+def test_stream_needs_a_user_message_last():
+    m = ModelManager()
+    m.load(FAKE)
+    with pytest.raises(BackendError, match="nothing to answer"):
+        list(m.stream([Message("user", "a"), Message("assistant", "b")], GenerationParams()))
+
+
+def test_stream_yields_deltas_then_a_summary():
+    m = ModelManager()
+    m.load(FAKE)
+    chunks = list(m.stream([Message("user", "hi")], GenerationParams(max_new_tokens=3)))
+    assert "".join(c.text for c in chunks) == "one two three"
+    assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 3
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+def test_stop_word_ends_the_reply_without_showing_it():
+    m = ModelManager()
+    m.load(FAKE)
+    chunks = list(m.stream([Message("user", "hi")], GenerationParams(stop=["four"])))
+    assert "".join(c.text for c in chunks) == "one two three "
+    assert chunks[-1].finish_reason == "stop"
+
+
+def test_closing_the_stream_stops_the_engine_and_frees_the_manager():
+    m = ModelManager()
+    m.load(FAKE)
+    stream = m.stream([Message("user", "hi")], GenerationParams())
+    next(stream), next(stream)
+    stream.close()
+    assert m._backend.closed.is_set() and m._backend.steps == 2
+    assert not m._busy.locked()
+
+
+def test_failed_load_leaves_no_model_and_a_readable_error():
+    m = ModelManager()
+    m.load(FAKE)
+    with pytest.raises(BackendError, match="fake load failure"):
+        m.load(ModelSpec(name="bad", backend="fake-engine", model="fail"))
+    assert not m.loaded and m.describe() == {"loaded": False}
+
+
+def test_load_waits_for_the_reply_in_flight():
+    m = ModelManager()
+    m.load(FAKE)
+    stream = m.stream([Message("user", "hi")], GenerationParams())
+    next(stream)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (m.load(FAKE), done.set()))
+    t.start()
+    assert not done.wait(0.3)  # blocked behind the reply
+    stream.close()
+    assert done.wait(5)
+    t.join()

@@ -1,0 +1,157 @@
+"""The Gradio Blocks page: components with stable element ids, and the events that wire them.
+
+Behaviour lives in `ui.handlers`; this module only places components and connects events.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from backends.base import GenerationParams
+
+from .chat import ui_values
+from .handlers import CUSTOM, Handlers
+
+CSS = """
+#status { min-height: 1.5em; font-size: 0.9em; opacity: 0.85; }
+#chatbot { flex-grow: 1; }
+footer { display: none !important; }
+"""
+LATEX = [
+    {"left": "$$", "right": "$$", "display": True},
+    {"left": "$", "right": "$", "display": False},
+    {"left": "\\(", "right": "\\)", "display": False},
+    {"left": "\\[", "right": "\\]", "display": True},
+]
+STORAGE_KEY = "confab-chat"
+
+
+def build(handlers: Handlers, current_preset: str | None, concurrency: int = 1) -> gr.Blocks:
+    defaults = handlers.manager.default_params()
+    with gr.Blocks(title="Confab", fill_height=True) as demo:
+        saved = gr.BrowserState({"messages": [], "system": ""}, storage_key=STORAGE_KEY)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                chat = _chat_column()
+            with gr.Column(scale=1, min_width=280):
+                model = _model_panel(handlers, current_preset)
+                system = gr.Textbox(
+                    label="System prompt", elem_id="system-prompt", lines=3,
+                    placeholder="Optional instructions for the assistant",
+                )
+                sampling_preset, sliders = _sampling_panel(handlers, defaults)
+        _wire(demo, handlers, chat, model, system, sampling_preset, sliders, saved, concurrency)
+    return demo
+
+
+def _chat_column() -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    c["chatbot"] = gr.Chatbot(
+        elem_id="chatbot", label="Chat", height="65vh", editable="user",
+        buttons=["copy", "copy_all"], latex_delimiters=LATEX,
+        placeholder="Ask anything. Replies stream from the model loaded on the right.",
+    )
+    with gr.Row():
+        c["input"] = gr.Textbox(
+            elem_id="chat-input", show_label=False, scale=8, lines=1, max_lines=8, autofocus=True,
+            placeholder="Message — Enter sends, Shift+Enter for a new line",
+        )
+        c["send"] = gr.Button("Send", elem_id="send", variant="primary", scale=1, min_width=80)
+        c["stop"] = gr.Button("Stop", elem_id="stop", variant="stop", scale=1, min_width=80)
+    with gr.Row():
+        c["regenerate"] = gr.Button("Regenerate", elem_id="regenerate", size="sm")
+        c["undo"] = gr.Button("Undo", elem_id="undo", size="sm")
+        c["clear"] = gr.Button("Clear", elem_id="clear", size="sm")
+        c["export"] = gr.Button("Export JSON", elem_id="export", size="sm")
+        c["import"] = gr.UploadButton("Import JSON", elem_id="import", size="sm", file_types=[".json"])
+    c["export_file"] = gr.File(label="Exported chat", visible=False, elem_id="export-file")
+    c["status"] = gr.Markdown(elem_id="status")
+    return c
+
+
+def _model_panel(handlers: Handlers, current_preset: str | None) -> dict[str, Any]:
+    m: dict[str, Any] = {}
+    with gr.Accordion("Model", open=True):
+        m["model"] = gr.Dropdown(
+            choices=handlers.model_choices(), value=current_preset or CUSTOM, label="Preset", elem_id="model",
+        )
+        m["custom"] = gr.Textbox(
+            label="…or a hub id, local folder or .gguf path", elem_id="model-path",
+            placeholder="Qwen/Qwen2.5-0.5B-Instruct · ./models/my-model · ~/models/x.gguf",
+        )
+        m["backend"] = gr.Radio(
+            choices=handlers.backend_names(), value="transformers", label="Backend for a custom model",
+            elem_id="backend",
+        )
+        with gr.Row():
+            m["load"] = gr.Button("Load", elem_id="load", variant="primary", size="sm")
+            m["unload"] = gr.Button("Unload", elem_id="unload", size="sm")
+    return m
+
+
+def _sampling_panel(handlers: Handlers, defaults: GenerationParams) -> tuple[gr.Dropdown, list]:
+    values = dict(zip(("temperature", "top_p", "top_k", "min_p", "max_new_tokens", "repetition_penalty",
+                       "do_sample", "seed", "stop"), ui_values(defaults)))
+    with gr.Accordion("Sampling", open=False):
+        preset = gr.Dropdown(
+            choices=sorted(handlers.sampling_presets), value=None, label="Sampling preset",
+            elem_id="sampling-preset",
+        )
+        sliders = [
+            gr.Slider(0, 2, value=values["temperature"], step=0.05, label="Temperature", elem_id="temperature"),
+            gr.Slider(0.01, 1, value=values["top_p"], step=0.01, label="Top p", elem_id="top-p"),
+            gr.Slider(0, 200, value=values["top_k"], step=1, label="Top k (0 = off)", elem_id="top-k"),
+            gr.Slider(0, 0.5, value=values["min_p"], step=0.01, label="Min p (0 = off)", elem_id="min-p"),
+            gr.Slider(1, 4096, value=values["max_new_tokens"], step=1, label="Max new tokens",
+                      elem_id="max-new-tokens"),
+            gr.Slider(0.8, 1.5, value=values["repetition_penalty"], step=0.01, label="Repetition penalty",
+                      elem_id="repetition-penalty"),
+            gr.Checkbox(value=values["do_sample"], label="Sampling (off = greedy)", elem_id="do-sample"),
+            gr.Number(value=values["seed"], precision=0, label="Seed (-1 = random)", elem_id="seed"),
+            gr.Textbox(value=values["stop"], label="Stop words (comma-separated, \\n for newline)",
+                       elem_id="stop-words"),
+        ]
+    return preset, sliders
+
+
+def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, sliders, saved, concurrency: int) -> None:
+    h = handlers
+    reply_out = [c["input"], c["chatbot"], c["status"], saved]
+    reply_opts = dict(concurrency_limit=concurrency, concurrency_id="reply", show_progress="minimal")
+    send_args = dict(fn=h.respond, inputs=[c["input"], c["chatbot"], system, *sliders], outputs=reply_out)
+    replies = [
+        c["input"].submit(**send_args, api_name="respond", **reply_opts),
+        c["send"].click(**send_args, api_visibility="private", **reply_opts),
+    ]
+    regen_args = dict(fn=h.regenerate, inputs=[c["chatbot"], system, *sliders], outputs=reply_out)
+    replies += [
+        c["regenerate"].click(**regen_args, api_name="regenerate", **reply_opts),
+        c["chatbot"].retry(**regen_args, api_visibility="private", **reply_opts),
+        c["chatbot"].edit(h.edit, [c["chatbot"], system, *sliders], reply_out, api_visibility="private",
+                          **reply_opts),
+    ]
+    c["stop"].click(None, cancels=replies, api_visibility="private").then(
+        h.after_stop, [c["chatbot"], system], saved, api_visibility="private"
+    )
+    undo_args = dict(fn=h.undo, inputs=[c["chatbot"], system], outputs=[c["input"], c["chatbot"], saved])
+    c["undo"].click(**undo_args, api_name="undo")
+    c["chatbot"].undo(**undo_args, api_visibility="private")
+    c["clear"].click(h.clear, [system], [c["input"], c["chatbot"], saved], api_name="clear")
+    c["chatbot"].clear(h.clear, [system], [c["input"], c["chatbot"], saved], api_visibility="private")
+    system.blur(h.save, [c["chatbot"], system], saved, api_visibility="private")
+    c["export"].click(h.export_chat, [c["chatbot"], system], c["export_file"], api_name="export").then(
+        lambda: gr.File(visible=True), None, c["export_file"], api_visibility="private"
+    )
+    c["import"].upload(h.import_chat, c["import"], [c["chatbot"], system, saved], api_name="import")
+    model_opts = dict(concurrency_limit=1, concurrency_id="model")
+    m["load"].click(h.load_model, [m["model"], m["custom"], m["backend"]], [c["status"], *sliders],
+                    api_name="load", show_progress_on=c["status"], **model_opts)
+    m["unload"].click(h.unload_model, None, c["status"], api_name="unload", **model_opts)
+    m["model"].change(lambda choice: "" if choice != CUSTOM else gr.skip(), m["model"], m["custom"],
+                      api_visibility="private")
+    sampling_preset.change(h.apply_sampling_preset, sampling_preset, sliders, api_visibility="private")
+    demo.load(h.restore, saved, [c["chatbot"], system], api_visibility="private").then(
+        h.status, None, c["status"], api_visibility="private"
+    )
