@@ -91,7 +91,7 @@ class GenerationParams:
                 f"repetition_penalty must be above 0, got {self.repetition_penalty}. Use 1 to turn it off."
             )
         if self.seed is not None and self.seed < 0:
-            raise ParamError(f"seed must be 0 or more, got {self.seed}. Leave it empty for a random seed.")
+            raise ParamError(f"seed must be 0 or more, got {self.seed}. Leave it empty (or -1 in the page) for a random seed.")
 
     @property
     def greedy(self) -> bool:

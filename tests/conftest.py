@@ -109,7 +109,7 @@ class RunningApp:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"app exited early:\n{self.log_path.read_text()}")
             try:
-                if httpx.get(self.url + "/gradio_api/info", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/gradio_api/info", timeout=2).status_code in (200, 401, 403):
                     return
             except httpx.HTTPError:
                 pass

@@ -1,0 +1,109 @@
+"""One real-browser session (Playwright driving Debian's chromium) against the launched app:
+ask, watch it stream, stop, reload and find the chat, regenerate, undo, edit, clear."""
+
+import shutil
+import time
+
+import pytest
+
+from conftest import ARTIFACTS
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium (apt-get install chromium)"),
+]
+BOT = "#chatbot [data-testid='bot']"
+USER = "#chatbot [data-testid='user']"
+
+
+@pytest.fixture
+def page(app):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--disable-background-networking"],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(app.url, wait_until="domcontentloaded")
+        page.wait_for_selector("#chat-input textarea", timeout=60_000)
+        yield page
+        browser.close()
+
+
+def texts(page, selector):
+    return [el.inner_text() for el in page.query_selector_all(selector)]
+
+
+def send(page, text):
+    page.fill("#chat-input textarea", text)
+    page.press("#chat-input textarea", "Enter")
+
+
+def wait_done(page, timeout=60):
+    page.wait_for_function("document.querySelector('#status').innerText.includes('tok/s')", timeout=timeout * 1000)
+
+
+def test_chat_in_a_real_browser(page, app):
+    # Ask and watch the reply grow.
+    send(page, "Write a long story about a brave dragon who learns to read.")
+    seen, deadline = [], time.monotonic() + 30
+    while time.monotonic() < deadline and len(set(seen)) < 5:
+        bots = texts(page, BOT)
+        if bots and bots[-1].strip():
+            seen.append(bots[-1])
+        time.sleep(0.05)
+    distinct = list(dict.fromkeys(seen))
+    assert len(distinct) >= 5, distinct
+    assert all(b.startswith(a.strip()[:10]) for a, b in zip(distinct, distinct[1:]))
+
+    # Stop: the text stops growing and the input is usable again.
+    page.click("#stop")
+    time.sleep(1.0)
+    stopped = texts(page, BOT)[-1]
+    time.sleep(1.5)
+    assert texts(page, BOT)[-1] == stopped
+    assert len(stopped) > 0
+    page.screenshot(path=str(ARTIFACTS / "browser-stopped.png"))
+
+    # A short question is answered right away: the engine is free.
+    send(page, "What is the capital of France? Answer in one sentence.")
+    wait_done(page)
+    assert "Paris" in texts(page, BOT)[-1]
+    assert len(texts(page, USER)) == 2
+    page.screenshot(path=str(ARTIFACTS / "browser-chat.png"))
+
+    # Reload: the conversation comes back from the browser's storage.
+    page.reload(wait_until="domcontentloaded")
+    page.wait_for_function(f"document.querySelectorAll(\"{USER}\").length == 2", timeout=30_000)
+    assert "Paris" in texts(page, BOT)[-1]
+    assert texts(page, BOT)[0].startswith(stopped[:20])
+
+    # Regenerate replaces the last reply; undo puts the last question back in the box.
+    page.click("#regenerate")
+    wait_done(page)
+    assert len(texts(page, BOT)) == 2
+    page.click("#undo")
+    page.wait_for_function(f"document.querySelectorAll(\"{USER}\").length == 1", timeout=10_000)
+    assert page.input_value("#chat-input textarea").startswith("What is the capital of France")
+
+    # Edit the first question in place: the conversation continues from the edit.
+    page.click("#chatbot button[aria-label='Edit']", timeout=10_000)
+    box = page.wait_for_selector("#chatbot textarea.edit-textarea", timeout=10_000)
+    box.fill("What is the capital of Italy? Answer in one sentence.")
+    page.click("#chatbot button[aria-label='Submit']", timeout=10_000)
+    page.wait_for_function("document.querySelector('#status').innerText.includes('tok/s')", timeout=60_000)
+    page.wait_for_function(
+        f"[...document.querySelectorAll(\"{BOT}\")].pop()?.innerText.includes('Rome')", timeout=60_000
+    )
+    assert texts(page, USER) == ["What is the capital of Italy? Answer in one sentence."]
+
+    # Clear empties the chat, and that survives a reload too.
+    page.click("#clear")
+    page.wait_for_function(f"document.querySelectorAll(\"{USER}\").length == 0", timeout=10_000)
+    page.reload(wait_until="domcontentloaded")
+    page.wait_for_selector("#chat-input textarea")
+    time.sleep(1.5)
+    assert texts(page, USER) == []
