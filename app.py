@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", help="model preset to load at start (see --list-presets); default smollm2-llamacpp")
     p.add_argument("--model", help="a hub id (org/name[@rev]), local folder or .gguf file to load instead of a preset")
     p.add_argument("--backend", help="backend for --model: transformers or llamacpp (default: llamacpp for .gguf)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for your network (default %(default)s)")
-    p.add_argument("--port", type=int, default=7860, help="port to listen on (default %(default)s)")
+    # GRADIO_SERVER_NAME/PORT are how Hugging Face Spaces (and Docker setups) say where to listen.
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                   help="address to listen on; 0.0.0.0 for your network (default %(default)s)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+                   help="port to listen on (default %(default)s)")
     p.add_argument("--share", action="store_true", help="also serve through a public Gradio share link")
     p.add_argument("--auth", action="append", default=[], metavar="USER:PASS",
                    help="require this login for the page (repeatable)")

@@ -158,7 +158,10 @@ def test_missing_local_model_and_bad_hub_id_are_readable(tmp_path):
 
 
 def test_hub_id_that_cannot_be_fetched_names_the_model(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # Offline mode (the environment variable is read at import, so set the constant it fills).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     backend = create(ModelSpec(name="x", backend="transformers", model="m"))
     with pytest.raises(BackendError, match="'confab-tests/does-not-exist'.*HF_TOKEN"):
         backend.load(ModelSpec(name="x", backend="transformers", model="confab-tests/does-not-exist"))
