@@ -13,9 +13,9 @@ import threading
 from typing import Any, Iterator
 
 from . import register
-from .base import BackendError, Chunk, Clock, GenerationParams, Message, ModelSpec, ProgressFn, Prompt, Usage
+from .base import BackendError, GenerationParams, Message, ModelSpec, ProgressFn, Prompt
 from .locate import locate
-from .prompting import chunks_from_deltas, encode_segments, fit_context
+from .prompting import LocalEngine, encode_segments
 from .templates import BUILTIN, ChatTemplate, render_segments, resolve
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def _import_engine() -> tuple[Any, Any]:
 
 
 @register("transformers")
-class TransformersBackend:
+class TransformersBackend(LocalEngine):
     def __init__(self) -> None:
         self.model: Any = None
         self.tokenizer: Any = None
@@ -154,16 +154,6 @@ class TransformersBackend:
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"]
 
     # ---- generation ----------------------------------------------------------------------
-    def stream(
-        self, messages: list[Message], params: GenerationParams, session_id: str | None = None
-    ) -> Iterator[Chunk]:
-        self._require_loaded()
-        clock = Clock()
-        prompt, dropped = fit_context(self.render, messages, params, self.n_ctx)
-        usage = Usage(prompt_tokens=len(prompt.token_ids), dropped_messages=dropped)
-        deltas = self._generate(prompt.token_ids, params)
-        yield from chunks_from_deltas(deltas, params, usage, clock, stop=self._text_stops)
-
     def _generate(self, ids: list[int], params: GenerationParams) -> Iterator[tuple[str, int]]:
         torch, transformers = _import_engine()
         stop_event = threading.Event()
@@ -206,9 +196,8 @@ class TransformersBackend:
         if failure:
             raise BackendError(_generation_advice(failure[0])) from failure[0]
 
-    def _require_loaded(self) -> None:
-        if self.model is None:
-            raise BackendError("No model is loaded: choose one and press Load.")
+    def _loaded(self) -> bool:
+        return self.model is not None
 
     def describe(self) -> dict[str, Any]:
         spec = self.spec

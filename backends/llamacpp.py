@@ -14,9 +14,9 @@ import os
 from typing import Any, Iterator
 
 from . import register
-from .base import BackendError, Chunk, Clock, GenerationParams, Message, ModelSpec, ProgressFn, Prompt, Usage
+from .base import BackendError, GenerationParams, Message, ModelSpec, ProgressFn, Prompt
 from .locate import locate
-from .prompting import chunks_from_deltas, encode_segments, fit_context
+from .prompting import LocalEngine, encode_segments
 from .templates import BUILTIN, ChatTemplate, render_segments, resolve
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def default_threads() -> int:
 
 
 @register("llamacpp")
-class LlamaCppBackend:
+class LlamaCppBackend(LocalEngine):
     def __init__(self) -> None:
         self.llm: Any = None
         self.spec: ModelSpec | None = None
@@ -109,16 +109,9 @@ class LlamaCppBackend:
     def _encode(self, text: str, special: bool) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
 
-    def stream(
-        self, messages: list[Message], params: GenerationParams, session_id: str | None = None
-    ) -> Iterator[Chunk]:
-        self._require_loaded()
-        clock = Clock()
-        prompt, dropped = fit_context(self.render, messages, params, self.n_ctx)
-        usage = Usage(prompt_tokens=len(prompt.token_ids), dropped_messages=dropped)
-        usage.cached_tokens = _common_prefix(self.llm._input_ids.tolist(), prompt.token_ids)
-        deltas = self._generate(prompt.token_ids, params)
-        yield from chunks_from_deltas(deltas, params, usage, clock, stop=self._stops)
+    def _cached_tokens(self, ids: list[int]) -> int:
+        # llama.cpp keeps the KV cache of the last reply and re-uses its longest common prefix.
+        return _common_prefix(self.llm._input_ids.tolist(), ids)
 
     def _generate(self, ids: list[int], params: GenerationParams) -> Iterator[tuple[str, int]]:
         llama_cpp = _import_engine()
@@ -152,9 +145,8 @@ class LlamaCppBackend:
             if pieces is not None:
                 pieces.close()  # stop the engine between tokens when the consumer goes away
 
-    def _require_loaded(self) -> None:
-        if self.llm is None:
-            raise BackendError("No model is loaded: choose one and press Load.")
+    def _loaded(self) -> bool:
+        return self.llm is not None
 
     def describe(self) -> dict[str, Any]:
         gpu = bool(self.spec and self.spec.n_gpu_layers)

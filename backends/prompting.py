@@ -122,3 +122,42 @@ def chunks_from_deltas(
         if close:
             close()
     yield Chunk("", finish_reason=finish, usage=clock.fill(usage))
+
+
+class LocalEngine:
+    """The reply loop shared by backends that render the prompt and decode token ids here.
+
+    Subclasses provide `render`, `_generate(ids, params) -> Iterator[(delta, n_tokens)]`,
+    `n_ctx`, and `_loaded()`; they may report reused KV-cache tokens in `_cached_tokens`.
+    """
+
+    n_ctx: int = 0
+
+    def stream(self, messages: list[Message], params: GenerationParams, session_id: str | None = None) -> Iterator[Chunk]:
+        self._require_loaded()
+        clock = Clock()
+        prompt, dropped = fit_context(self.render, messages, params, self.n_ctx)
+        usage = Usage(
+            prompt_tokens=len(prompt.token_ids),
+            cached_tokens=self._cached_tokens(prompt.token_ids),
+            dropped_messages=dropped,
+        )
+        deltas = self._generate(prompt.token_ids, params)
+        yield from chunks_from_deltas(deltas, params, usage, clock, stop=prompt.stop)
+
+    def _require_loaded(self) -> None:
+        if not self._loaded():
+            raise BackendError("No model is loaded: choose one and press Load.")
+
+    def _cached_tokens(self, ids: list[int]) -> int:
+        return 0
+
+    # Provided by the engine-specific subclass.
+    def render(self, messages: list[Message]) -> Prompt:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _generate(self, ids: list[int], params: GenerationParams) -> Iterator[tuple[str, int]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _loaded(self) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
