@@ -217,6 +217,12 @@ class ModelSpec:
     chat_template: str | None = None  # built-in template name or a path to a Jinja file
     stop: tuple[str, ...] = ()
     trust_remote_code: bool = False
+    draft_model: str | None = None  # transformers: a small model for assisted generation
+    base_url: str | None = None  # remote engines: the server's OpenAI-compatible /v1 URL
+    api_key: str | None = None  # remote engines; falls back to $OPENAI_API_KEY
+    timeout_s: float = 120.0  # remote engines: longest wait for the next piece of a reply
+    engine: dict[str, Any] = field(default_factory=dict)  # passed to the engine's own config class
+    server: dict[str, Any] = field(default_factory=dict)  # a server Confab starts and stops
     sampling: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

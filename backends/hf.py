@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 from . import register
 from .base import BackendError, GenerationParams, Message, ModelSpec, ProgressFn, Prompt
+from .hub import download
 from .locate import locate
 from .prompting import LocalEngine, encode_segments
 from .templates import BUILTIN, ChatTemplate, render_segments, resolve
@@ -39,6 +40,7 @@ def _import_engine() -> tuple[Any, Any]:
 class TransformersBackend(LocalEngine):
     def __init__(self) -> None:
         self.model: Any = None
+        self.draft: Any = None  # assistant model for assisted (speculative) generation
         self.tokenizer: Any = None
         self.template: ChatTemplate | None = None
         self.spec: ModelSpec | None = None
@@ -50,20 +52,24 @@ class TransformersBackend(LocalEngine):
     # ---- loading -------------------------------------------------------------------------
     def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> None:
         torch, transformers = _import_engine()
-        where = locate(spec.model, spec.gguf_file, spec.revision)
-        common: dict[str, Any] = {"revision": where.revision, "trust_remote_code": spec.trust_remote_code}
-        if where.gguf_file:
-            common["gguf_file"] = where.gguf_file
+        where = download(locate(spec.model, spec.gguf_file, spec.revision), progress)
+        placement = self._placement(spec, torch, transformers)
         progress and progress(0.05, f"Loading tokenizer for {spec.name}")
         try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(where.path, **common)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(where.path, **_files(spec, where))
             progress and progress(0.2, f"Loading weights for {spec.name}")
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                where.path, **common, **self._placement(spec, torch, transformers)
+                where.path, **_files(spec, where), **placement
             )
+            if spec.draft_model:
+                progress and progress(0.8, f"Loading draft model {spec.draft_model}")
+                draft = download(locate(spec.draft_model), progress)
+                self.draft = transformers.AutoModelForCausalLM.from_pretrained(
+                    draft.path, **_files(spec, draft), **placement
+                )
         except (OSError, ValueError) as e:
             self.unload()
-            raise BackendError(_load_advice(spec, where.local, e)) from e
+            raise BackendError(_load_advice(spec, e)) from e
         self.model.eval()
         self.spec = spec
         self.device = str(self.model.device)
@@ -133,15 +139,9 @@ class TransformersBackend(LocalEngine):
 
     def unload(self) -> None:
         had_model = self.model is not None
-        self.model = self.tokenizer = None
+        self.model = self.draft = self.tokenizer = None
         if had_model:
-            import gc
-
-            import torch
-
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_memory()
 
     # ---- prompts -------------------------------------------------------------------------
     def render(self, messages: list[Message]) -> Prompt:
@@ -170,6 +170,8 @@ class TransformersBackend(LocalEngine):
             pad_token_id=self.tokenizer.pad_token_id or (self._eos_ids[0] if self._eos_ids else None),
             **_sampling_kwargs(params),
         )
+        if self.draft is not None:
+            kwargs["assistant_model"] = self.draft
         failure: list[BaseException] = []
 
         def work() -> None:
@@ -250,14 +252,32 @@ def _max_memory(raw: dict[Any, str]) -> dict[Any, str]:
     return {int(k) if str(k).isdigit() else k: v for k, v in raw.items()}
 
 
-def _load_advice(spec: ModelSpec, local: bool, error: Exception) -> str:
+def _files(spec: ModelSpec, where: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if where.gguf_file:
+        kwargs["gguf_file"] = where.gguf_file
+    return kwargs
+
+
+def _load_advice(spec: ModelSpec, error: Exception) -> str:
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    if not local:
-        return (
-            f"Could not load {spec.model!r} from the Hugging Face hub ({text}). Check the name, that you "
-            "are online (or that it is already in the local cache), and set HF_TOKEN for gated models."
-        )
     return f"Could not load {spec.name} from {spec.model} ({text})."
+
+
+def release_memory() -> None:
+    """Give freed model memory back to the system, so unloading shows in RSS and on the GPU."""
+    import ctypes
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:  # glibc keeps freed heap pages; malloc_trim returns them (a no-op elsewhere)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _generation_advice(error: BaseException) -> str:

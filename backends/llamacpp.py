@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 from . import register
 from .base import BackendError, GenerationParams, Message, ModelSpec, ProgressFn, Prompt
+from .hub import download
 from .locate import locate
 from .prompting import LocalEngine, encode_segments
 from .templates import BUILTIN, ChatTemplate, render_segments, resolve
@@ -52,13 +53,12 @@ class LlamaCppBackend(LocalEngine):
     def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> None:
         llama_cpp = _import_engine()
         where = locate(spec.model, spec.gguf_file, spec.revision)
-        if not where.local:
-            raise BackendError(
-                f"The llama.cpp backend needs a local .gguf file; {spec.model!r} looks like a hub id. "
-                "Download the GGUF first or give its path."
-            )
         if not where.gguf_file:
-            raise BackendError(f"{spec.model} is a folder; the llama.cpp backend needs a .gguf file in it.")
+            raise BackendError(
+                f"{spec.model} names no .gguf file; the llama.cpp backend needs one: a local path, "
+                "or a hub repo and file such as org/name-GGUF/model.Q4_K_M.gguf."
+            )
+        where = download(where, progress, weights="gguf")
         self.path = os.path.join(where.path, where.gguf_file)
         progress and progress(0.1, f"Loading {os.path.basename(self.path)}")
         try:

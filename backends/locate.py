@@ -54,11 +54,21 @@ def locate(model: str, gguf_file: str | None = None, revision: str | None = None
         return Location(str(path.parent.resolve()), gguf_file=path.name)
     if path.is_dir():
         return Location(str(path.resolve()), gguf_file=gguf_file)
-    if model.endswith(".gguf") or model.startswith((".", "/", "~")):
+    if model.startswith((".", "/", "~")) or "\\" in model:
         raise BackendError(f"No model file or folder at {model}; check the path.")
-    repo, _, rev = model.partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
+    return _hub_location(model, gguf_file, revision)
+
+
+def _hub_location(model: str, gguf_file: str | None, revision: str | None) -> Location:
+    """org/name, org/name@rev, org/name/file.gguf or org/name@rev/file.gguf."""
+    parts = model.split("/")
+    if len(parts) > 2 and parts[-1].lower().endswith(".gguf"):
+        gguf_file = "/".join(parts[2:])
+        parts = parts[:2]
+    repo, _, rev = "/".join(parts).partition("@")
+    if len(parts) != 2 or not all(p.strip() for p in repo.split("/")) or " " in repo:
         raise BackendError(
-            f"{model!r} is neither a local path nor a Hugging Face hub id (org/name, optionally @revision)."
+            f"{model!r} is neither a local path nor a Hugging Face hub id "
+            "(org/name, optionally @revision, optionally /file.gguf)."
         )
     return Location(repo, gguf_file=gguf_file, revision=rev or revision, local=False)

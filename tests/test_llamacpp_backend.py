@@ -82,5 +82,5 @@ def test_gguf_path_and_errors(tmp_path):
     junk.write_bytes(b"not a gguf")
     with pytest.raises(BackendError, match="valid GGUF"):
         create(spec).load(ModelSpec(name="junk", backend="llamacpp", model=str(junk)))
-    with pytest.raises(BackendError, match="local .gguf"):
+    with pytest.raises(BackendError, match="names no .gguf file"):
         create(spec).load(ModelSpec(name="hub", backend="llamacpp", model="org/model"))
