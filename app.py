@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,9 @@ def serve(settings: Settings, presets: dict, sampling: dict, key: str | None, sp
     from ui.handlers import Handlers
     from ui.layout import CSS, build
 
+    # SIGTERM (systemd, docker stop, kill) becomes a normal exit, so atexit stops any engine
+    # server this process started instead of leaving it orphaned.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     manager = ModelManager()
     if settings.load:
         try:

@@ -178,3 +178,13 @@ def test_cuda_placements(tiny_model_dir, kw):
     text, last = collect(backend.stream(QUESTION, GenerationParams(do_sample=False, max_new_tokens=8)))
     assert last.usage.completion_tokens == 8
     backend.unload()
+
+
+def test_draft_model_for_assisted_generation_gives_the_same_greedy_text(tiny_model_dir, hf):
+    spec = spec_for(tiny_model_dir, draft_model=str(tiny_model_dir))
+    assisted = create(spec)
+    assisted.load(spec)
+    assert assisted.draft is not None
+    params = GenerationParams(do_sample=False, max_new_tokens=24, repetition_penalty=1.0)
+    assert collect(assisted.stream(QUESTION, params))[0] == collect(hf.stream(QUESTION, params))[0]
+    assisted.unload()

@@ -1,0 +1,274 @@
+"""Remote engines over the OpenAI-compatible API: lmdeploy api_server, vLLM, TGI, llama.cpp
+server, Ollama — and servers Confab starts itself (`[server]` in a preset, or lmdeploy-server).
+
+Streams /v1/chat/completions through the official `openai` client; closing the stream closes
+the HTTP response, which is how these servers learn to abort. The server applies the chat
+template. Knows HTTP and the OpenAI wire format, not Gradio.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Any, Iterator
+
+from . import register
+from .base import BackendError, Chunk, Clock, GenerationParams, Message, ModelSpec, ProgressFn, Prompt, Usage
+from .prompting import chunks_from_deltas
+from .server import ManagedServer, free_port
+
+log = logging.getLogger(__name__)
+
+
+def _import_client() -> Any:
+    try:
+        import openai
+    except ImportError as e:
+        raise BackendError("Remote engines need the openai package: pip install openai") from e
+    return openai
+
+
+@register("openai")
+class OpenAIBackend:
+    def __init__(self) -> None:
+        self.client: Any = None
+        self.spec: ModelSpec | None = None
+        self.server: ManagedServer | None = None
+        self.base_url = ""
+        self.model_name = ""
+        self.n_ctx = 0
+
+    # ---- connecting ----------------------------------------------------------------------
+    def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> None:
+        openai = _import_client()
+        import httpx
+
+        self.spec = spec
+        self.base_url = (spec.base_url or "").rstrip("/")
+        command = self.server_command(spec)
+        if command:
+            port = int(spec.server.get("port") or free_port())
+            self.base_url = self.base_url or f"http://127.0.0.1:{port}/v1"
+            command = [str(c).format(port=port, model=spec.model, host="127.0.0.1") for c in command]
+            self.server = ManagedServer(command, self.base_url, float(spec.server.get("ready_timeout", 600)))
+            self.server.start(progress)
+        if not self.base_url:
+            raise BackendError(
+                f"{spec.name}: a remote engine needs base_url, e.g. http://127.0.0.1:23333/v1 for lmdeploy "
+                "api_server or http://127.0.0.1:8000/v1 for vLLM."
+            )
+        self.client = openai.OpenAI(
+            base_url=self.base_url,
+            api_key=spec.api_key or os.environ.get("OPENAI_API_KEY") or "none",
+            timeout=httpx.Timeout(spec.timeout_s, connect=10.0),
+            max_retries=0,
+        )
+        progress and progress(0.95, f"Asking {self.base_url} for its models")
+        try:
+            self.model_name, self.n_ctx = self._discover(spec)
+        except BackendError:
+            self.unload()
+            raise
+
+    def server_command(self, spec: ModelSpec) -> list[str] | None:
+        return list(spec.server["command"]) if spec.server.get("command") else None
+
+    def _discover(self, spec: ModelSpec) -> tuple[str, int]:
+        """The served model's name (the first one when the preset says "auto") and context size."""
+        with self._errors():
+            models = list(self.client.models.list())
+        names = [m.id for m in models]
+        if not names:
+            raise BackendError(f"The engine at {self.base_url} serves no model yet.")
+        wanted = spec.model if spec.model not in ("", "auto") else names[0]
+        if wanted not in names:
+            raise BackendError(
+                f"The engine at {self.base_url} does not serve {wanted!r}; it serves: {', '.join(names)}. "
+                "Set model to one of these (or to \"auto\")."
+            )
+        card = next(m for m in models if m.id == wanted)
+        n_ctx = spec.n_ctx or int((card.model_extra or {}).get("max_model_len") or 0)
+        return wanted, n_ctx
+
+    def unload(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.client = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    # ---- replies -------------------------------------------------------------------------
+    def render(self, messages: list[Message]) -> Prompt:
+        # The server owns the chat template; show what is sent.
+        text = "\n".join(f"[{m.role}] {m.content}" for m in messages)
+        return Prompt(text, [])
+
+    def stream(
+        self, messages: list[Message], params: GenerationParams, session_id: str | None = None
+    ) -> Iterator[Chunk]:
+        if self.client is None:
+            raise BackendError("No model is loaded: choose one and press Load.")
+        if self.n_ctx:
+            params.check_context(self.n_ctx)
+        clock, usage = Clock(), Usage()
+        yield from chunks_from_deltas(self._deltas(messages, params, usage, session_id), params, usage, clock)
+
+    def _deltas(
+        self, messages: list[Message], params: GenerationParams, usage: Usage, session_id: str | None
+    ) -> Iterator[tuple[str, int]]:
+        request = self._request(messages, params)
+        if session_id:
+            request["user"] = session_id  # lets a server keep per-user stats or caches
+        with self._errors():
+            stream = self.client.chat.completions.create(**request)
+        n, finished = 0, False
+        try:
+            with self._errors():
+                for event in stream:
+                    if event.usage:
+                        usage.prompt_tokens = event.usage.prompt_tokens or 0
+                        n = event.usage.completion_tokens or n
+                        details = getattr(event.usage, "prompt_tokens_details", None)
+                        usage.cached_tokens = getattr(details, "cached_tokens", 0) or 0
+                    for choice in event.choices or ():
+                        finished = finished or bool(choice.finish_reason)
+                        text = choice.delta.content or ""
+                        if text:
+                            n += 1
+                            yield text, n
+            if not finished:
+                raise BackendError(
+                    f"The engine at {self.base_url} ended the reply without finishing it; it probably failed "
+                    "(see its log). A conversation longer than its context does this: clear or shorten the chat."
+                )
+            yield "", n  # the server's own count, from its usage report, when it sent one
+        finally:
+            stream.close()  # closing the HTTP response aborts the request on the server
+
+    def _request(self, messages: list[Message], params: GenerationParams) -> dict[str, Any]:
+        greedy = params.greedy
+        extra = {
+            "top_k": 1 if greedy else params.top_k,
+            "min_p": params.min_p,
+            "repetition_penalty": params.repetition_penalty,  # lmdeploy, vLLM, TGI
+            "repeat_penalty": params.repetition_penalty,  # llama.cpp server, Ollama
+        }
+        return {
+            "model": self.model_name,
+            "messages": [m.to_dict() for m in messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": params.max_new_tokens,
+            "temperature": 0.0 if greedy else params.temperature,
+            "top_p": 1.0 if greedy else params.top_p,
+            "seed": params.seed,
+            "stop": list(params.stop) or None,
+            "extra_body": extra,
+        }
+
+    def _errors(self) -> "_OpenAIErrors":
+        return _OpenAIErrors(self.base_url, self.model_name or (self.spec.model if self.spec else ""),
+                             self.spec.timeout_s if self.spec else 0)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "model": self.model_name,
+            "device": f"remote {self.base_url}" + (" (started by Confab)" if self.server else ""),
+            "n_ctx": self.n_ctx,
+        }
+
+
+class _OpenAIErrors:
+    """Turns the openai client's exceptions into messages a person can act on."""
+
+    def __init__(self, url: str, model: str, timeout: float) -> None:
+        self.url, self.model, self.timeout = url, model, timeout
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> bool:
+        if error is None or isinstance(error, (BackendError, GeneratorExit)):
+            return False
+        openai = _import_client()
+        if isinstance(error, openai.APITimeoutError):
+            raise BackendError(
+                f"The engine at {self.url} did not answer within {self.timeout:.0f} s. It may be busy or stuck; "
+                "try again, or raise timeout_s in the preset."
+            ) from error
+        if isinstance(error, openai.APIConnectionError):
+            raise BackendError(
+                f"Cannot reach the engine at {self.url}. Is the server running, and is the address right?"
+            ) from error
+        if isinstance(error, openai.AuthenticationError):
+            raise BackendError(
+                f"The engine at {self.url} refused the API key (401). Set api_key in the preset or OPENAI_API_KEY."
+            ) from error
+        if isinstance(error, openai.NotFoundError):
+            raise BackendError(
+                f"The engine at {self.url} answered 404 for model {self.model!r}: the model name or the URL is "
+                "wrong (the URL usually ends in /v1)."
+            ) from error
+        if isinstance(error, openai.APIStatusError):
+            raise BackendError(
+                f"The engine at {self.url} refused the request ({error.status_code}): {_detail(error)}"
+            ) from error
+        return False
+
+
+def _detail(error: Any) -> str:
+    body = getattr(error, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            return str(inner.get("message") or inner.get("detail") or inner)
+        return str(body.get("detail") or body.get("message") or inner)
+    return str(getattr(error, "message", error))
+
+
+@register("lmdeploy-server")
+class LMDeployServerBackend(OpenAIBackend):
+    """Starts `lmdeploy serve api_server` for the preset's model, then talks to it over HTTP."""
+
+    def server_command(self, spec: ModelSpec) -> list[str] | None:
+        if spec.server.get("command"):
+            return list(spec.server["command"])
+        if shutil.which("lmdeploy") is None:
+            raise BackendError(
+                "LMDeploy is not installed here: on a machine with an NVIDIA GPU, run "
+                "pip install -r requirements-lmdeploy.txt (see the README's LMDeploy section)."
+            )
+        return lmdeploy_server_command(spec)
+
+
+# lmdeploy api_server flags for the preset's [engine] keys that have one.
+_SERVER_FLAGS = {
+    "tp": "--tp", "cache_max_entry_count": "--cache-max-entry-count", "quant_policy": "--quant-policy",
+    "model_format": "--model-format", "max_batch_size": "--max-batch-size", "dtype": "--dtype",
+    "device_type": "--device",
+}
+
+
+def lmdeploy_server_command(spec: ModelSpec) -> list[str]:
+    engine = dict(spec.engine)
+    cmd = ["lmdeploy", "serve", "api_server", spec.model, "--server-name", "{host}", "--server-port", "{port}",
+           "--backend", str(engine.pop("backend", "turbomind"))]
+    if spec.n_ctx:
+        cmd += ["--session-len", str(spec.n_ctx)]
+    if engine.pop("enable_prefix_caching", True):
+        cmd.append("--enable-prefix-caching")
+    for key, value in engine.items():
+        if key not in _SERVER_FLAGS:
+            raise BackendError(
+                f"{spec.name}: engine setting {key!r} has no lmdeploy api_server flag here; "
+                f"known: backend, enable_prefix_caching, {', '.join(_SERVER_FLAGS)}."
+            )
+        cmd += [_SERVER_FLAGS[key], str(value)]
+    if spec.trust_remote_code:
+        cmd.append("--trust-remote-code")
+    if spec.api_key:
+        cmd += ["--api-keys", spec.api_key]
+    return cmd
