@@ -105,7 +105,7 @@ def choose_spec(settings: Settings, presets: dict):
 def list_presets(presets: dict) -> None:
     width = max(map(len, presets), default=10)
     for key, spec in presets.items():
-        print(f"{key:<{width}}  {spec.backend:<12}  {spec.model}\n{'':<{width}}  {spec.description or spec.name}")
+        print(f"{key:<{width}}  {spec.backend:<16}  {spec.model}\n{'':<{width}}  {spec.description or spec.name}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -42,4 +42,4 @@ def create(spec: ModelSpec) -> Backend:
 
 
 # Each module registers itself on import.
-from . import hf, llamacpp, openai  # noqa: E402,F401
+from . import hf, llamacpp, lmdeploy, openai  # noqa: E402,F401

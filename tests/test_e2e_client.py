@@ -131,3 +131,27 @@ def test_switch_to_the_transformers_preset_and_back(app):
     with pytest.raises(AppError, match="No model is loaded"):
         client.predict(message="hi", history=[], system_prompt="", api_name="/respond")
     client.predict(choice="smollm2-llamacpp", custom="", backend="llamacpp", api_name="/load")
+
+
+@pytest.mark.timeout(300)
+def test_remote_server_url_in_the_model_box_streams_into_the_ui(app):
+    import sys
+
+    from backends.locate import embedded_gguf
+    from backends.server import ManagedServer, free_port
+
+    port = free_port()
+    server = ManagedServer([sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf()),
+                            "--port", str(port), "--n_ctx", "2048"], f"http://127.0.0.1:{port}/v1", 120)
+    server.start()
+    try:
+        client = Client(app.url, verbose=False)
+        status = client.predict(choice="__custom__", custom=f"http://127.0.0.1:{port}", backend="transformers",
+                                api_name="/load")[0]
+        assert "openai" in status and f"remote http://127.0.0.1:{port}/v1" in status
+        outputs = list(client.submit(message="What is the capital of France? Answer in one sentence.", history=[],
+                                     system_prompt="", do_sample=False, max_new_tokens=48, api_name="/respond"))
+        assert len(set(reply_texts(outputs))) >= 3 and "Paris" in reply_texts(outputs)[-1]
+    finally:
+        client.predict(choice="smollm2-llamacpp", custom="", backend="llamacpp", api_name="/load")
+        server.stop()

@@ -18,6 +18,7 @@ import gradio as gr
 
 from backends import names as backend_names
 from backends.base import BackendError, GenerationParams, ModelSpec, Usage
+from backends.hub import cached_models
 from backends.manager import ModelManager
 
 from .chat import (
@@ -202,8 +203,7 @@ class Handlers:
 
     def spec_for(self, choice: str, custom: str, backend: str) -> ModelSpec:
         if custom and custom.strip():
-            path = custom.strip()
-            return ModelSpec(name=Path(path).name or path, backend=backend or "transformers", model=path)
+            return custom_spec(custom.strip(), backend)
         if choice in self.presets:
             return self.presets[choice]
         raise BackendError("Choose a preset, or type a hub id, folder or .gguf path in the box below it.")
@@ -233,6 +233,28 @@ class Handlers:
     @staticmethod
     def backend_names() -> list[str]:
         return backend_names()
+
+    @staticmethod
+    def cached_models() -> gr.Dropdown:
+        return gr.Dropdown(choices=cached_models())
+
+    @staticmethod
+    def pick_cached(repo: str | None, backend: str):
+        """A downloaded model was picked: put it in the model box with a backend that loads it."""
+        if not repo:
+            return gr.skip(), gr.skip()
+        return repo, "llamacpp" if repo.lower().endswith(".gguf") else backend
+
+
+def custom_spec(text: str, backend: str | None) -> ModelSpec:
+    """What the model box holds -> a ModelSpec. A URL means a remote OpenAI-compatible server."""
+    if text.startswith(("http://", "https://")):
+        url = text.rstrip("/")
+        return ModelSpec(name=url, backend="openai", model="auto",
+                         base_url=url if url.endswith("/v1") else url + "/v1")
+    if backend in ("openai", None, ""):
+        backend = "llamacpp" if text.lower().endswith(".gguf") else "transformers"
+    return ModelSpec(name=Path(text).name or text, backend=backend, model=text)
 
 
 def _session(request: gr.Request | None) -> str | None:

@@ -78,8 +78,12 @@ def _model_panel(handlers: Handlers, current_preset: str | None) -> dict[str, An
             choices=handlers.model_choices(), value=current_preset or CUSTOM, label="Preset", elem_id="model",
         )
         m["custom"] = gr.Textbox(
-            label="…or a hub id, local folder or .gguf path", elem_id="model-path",
-            placeholder="Qwen/Qwen2.5-0.5B-Instruct · ./models/my-model · ~/models/x.gguf",
+            label="…or a hub id, local folder, .gguf path or server URL", elem_id="model-path",
+            placeholder="Qwen/Qwen2.5-0.5B-Instruct@main · org/x-GGUF/x.Q4_K_M.gguf · ~/models/x.gguf · "
+            "http://127.0.0.1:23333/v1",
+        )
+        m["cached"] = gr.Dropdown(
+            choices=[], value=None, label="Downloaded models (Hugging Face cache)", elem_id="cached-models",
         )
         m["backend"] = gr.Radio(
             choices=handlers.backend_names(), value="transformers", label="Backend for a custom model",
@@ -151,7 +155,10 @@ def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, sliders, save
     m["unload"].click(h.unload_model, None, c["status"], api_name="unload", **model_opts)
     m["model"].change(lambda choice: "" if choice != CUSTOM else gr.skip(), m["model"], m["custom"],
                       api_visibility="private")
+    m["cached"].focus(h.cached_models, None, m["cached"], api_visibility="private")
+    m["cached"].select(h.pick_cached, [m["cached"], m["backend"]], [m["custom"], m["backend"]],
+                       api_visibility="private")
     sampling_preset.change(h.apply_sampling_preset, sampling_preset, sliders, api_visibility="private")
     demo.load(h.restore, saved, [c["chatbot"], system], api_visibility="private").then(
         h.status, None, c["status"], api_visibility="private"
-    )
+    ).then(h.cached_models, None, m["cached"], api_visibility="private")

@@ -1,0 +1,166 @@
+"""LMDeploy in process: `lmdeploy.pipeline` with the TurboMind or PyTorch engine, on GPUs.
+
+The preset's `[engine]` table becomes `TurbomindEngineConfig` / `PytorchEngineConfig` (its
+`backend` key picks which; unknown keys are refused with the class's own field list), and
+`GenerationParams` becomes `GenerationConfig` with `do_sample` set from the sampling settings
+(LMDeploy's default is greedy, which silently ignores temperature). Each reply runs in its own
+LMDeploy session; closing the stream aborts it in the engine. lmdeploy is imported in `load`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Iterator
+
+from . import register
+from .base import BackendError, Chunk, Clock, GenerationParams, Message, ModelSpec, ProgressFn, Prompt, Usage
+from .hub import download
+from .locate import locate
+from .prompting import chunks_from_deltas
+
+log = logging.getLogger(__name__)
+INSTALL_HINT = (
+    "LMDeploy is not installed here: on a machine with an NVIDIA GPU, run "
+    "pip install -r requirements-lmdeploy.txt (see the README's LMDeploy section)."
+)
+DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _import_engine() -> Any:
+    try:
+        import lmdeploy
+    except ImportError as e:
+        raise BackendError(INSTALL_HINT) from e
+    return lmdeploy
+
+
+def generation_config_kwargs(params: GenerationParams) -> dict[str, Any]:
+    """GenerationParams -> lmdeploy.GenerationConfig keyword arguments."""
+    return {
+        "max_new_tokens": params.max_new_tokens,
+        "do_sample": not params.greedy,  # lmdeploy defaults to greedy and then ignores the knobs below
+        "temperature": params.temperature if not params.greedy else 1.0,
+        "top_p": params.top_p,
+        "top_k": params.top_k,
+        "min_p": params.min_p,
+        "repetition_penalty": params.repetition_penalty,
+        "random_seed": params.seed,
+        "stop_words": list(params.stop) or None,
+    }
+
+
+def engine_config(spec: ModelSpec, messages_module: Any) -> Any:
+    """The preset's [engine] table -> TurbomindEngineConfig or PytorchEngineConfig."""
+    engine = dict(spec.engine)
+    kind = engine.pop("backend", "turbomind")
+    classes = {"turbomind": messages_module.TurbomindEngineConfig, "pytorch": messages_module.PytorchEngineConfig}
+    if kind not in classes:
+        raise BackendError(f"{spec.name}: engine backend must be turbomind or pytorch, got {kind!r}.")
+    cls = classes[kind]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(engine) - known)
+    if unknown:
+        raise BackendError(
+            f"{spec.name}: {', '.join(map(repr, unknown))} is not a {cls.__name__} setting; "
+            f"known ones: {', '.join(sorted(known))}."
+        )
+    if spec.n_ctx:
+        engine.setdefault("session_len", spec.n_ctx)
+    engine.setdefault("enable_prefix_caching", True)  # reuse the KV cache of earlier turns
+    if spec.dtype in DTYPES:
+        engine.setdefault("dtype", DTYPES[spec.dtype])
+    if spec.gpu_id is not None and "devices" in known:
+        engine.setdefault("devices", [spec.gpu_id])
+    try:
+        return cls(**engine)
+    except (TypeError, ValueError) as e:
+        raise BackendError(f"{spec.name}: LMDeploy refused the engine settings ({e}).") from e
+
+
+def _require_gpu() -> None:
+    try:
+        import torch
+    except ImportError as e:
+        raise BackendError(INSTALL_HINT) from e
+    if not torch.cuda.is_available():
+        raise BackendError(
+            "LMDeploy runs only on a GPU (CUDA) and torch sees none here; use a transformers or llama.cpp "
+            "preset on this machine, or point the openai backend at an lmdeploy api_server elsewhere."
+        )
+
+
+@register("lmdeploy")
+class LMDeployBackend:
+    def __init__(self) -> None:
+        self.pipe: Any = None
+        self.spec: ModelSpec | None = None
+        self.n_ctx = 0
+        self._messages: Any = None
+
+    def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> None:
+        lmdeploy = _import_engine()
+        _require_gpu()
+        import lmdeploy.messages as messages
+
+        where = locate(spec.model, spec.gguf_file, spec.revision)
+        if where.gguf_file:
+            raise BackendError(f"LMDeploy does not load GGUF files; use the llamacpp backend for {spec.model}.")
+        path = download(where, progress).path
+        config = engine_config(spec, messages)
+        template = lmdeploy.ChatTemplateConfig(model_name=spec.chat_template) if spec.chat_template else None
+        progress and progress(0.3, f"Starting the LMDeploy {type(config).__name__} for {spec.name}")
+        try:
+            self.pipe = lmdeploy.pipeline(path, backend_config=config, chat_template_config=template,
+                                          trust_remote_code=spec.trust_remote_code)
+        except Exception as e:  # noqa: BLE001 - engine start-up errors are many and engine-specific
+            raise BackendError(f"LMDeploy could not start {spec.name}: {type(e).__name__}: {e}") from e
+        self.spec, self._messages = spec, messages
+        self.n_ctx = int(getattr(config, "session_len", None) or spec.n_ctx or 0)
+        progress and progress(1.0, f"Loaded {spec.name}")
+
+    def unload(self) -> None:
+        if self.pipe is not None:
+            self.pipe.close()
+        self.pipe = None
+
+    def render(self, messages: list[Message]) -> Prompt:
+        text = "\n".join(f"[{m.role}] {m.content}" for m in messages)
+        return Prompt(text, [])  # LMDeploy applies the chat template inside the engine
+
+    def stream(
+        self, messages: list[Message], params: GenerationParams, session_id: str | None = None
+    ) -> Iterator[Chunk]:
+        if self.pipe is None:
+            raise BackendError("No model is loaded: choose one and press Load.")
+        if self.n_ctx:
+            params.check_context(self.n_ctx)
+        clock, usage = Clock(), Usage()
+        gen_config = self._messages.GenerationConfig(**generation_config_kwargs(params))
+        yield from chunks_from_deltas(self._deltas(messages, gen_config, usage), params, usage, clock)
+
+    def _deltas(self, messages: list[Message], gen_config: Any, usage: Usage) -> Iterator[tuple[str, int]]:
+        session = self.pipe.session()
+        finished = False
+        try:
+            outputs = self.pipe.stream_infer([m.to_dict() for m in messages], sessions=session,
+                                             gen_config=gen_config)
+            for out in outputs:
+                usage.prompt_tokens = out.input_token_len or usage.prompt_tokens
+                if out.finish_reason == "error":
+                    raise BackendError(f"LMDeploy failed while answering: {out.error_message or 'engine error'}")
+                finished = out.finish_reason is not None
+                yield out.text or "", out.generate_token_len
+        finally:
+            if not finished:
+                session.abort()  # stop the request in the engine, not just here
+            session.close()
+
+    def describe(self) -> dict[str, Any]:
+        engine = dict(self.spec.engine) if self.spec else {}
+        return {
+            "backend": self.name,
+            "model": self.spec.name if self.spec else None,
+            "device": f"cuda ({engine.get('backend', 'turbomind')}, tp={engine.get('tp', 1)})",
+            "n_ctx": self.n_ctx,
+        }
