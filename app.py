@@ -16,6 +16,7 @@ from pathlib import Path
 
 log = logging.getLogger("confab")
 HERE = Path(__file__).resolve().parent
+UI_REPLIES = 64  # replies the page accepts at once; beyond this Gradio's own queue shows positions
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Settings:
     port: int = 7860
     share: bool = False
     auth: list[tuple[str, str]] = field(default_factory=list)
-    concurrency: int = 1
+    concurrency: int | None = None  # None: as many replies as the engine batches
     presets_dir: Path = HERE / "presets"
     load: bool = True
 
@@ -51,8 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--auth", action="append", default=[], metavar="USER:PASS",
                    help="require this login for the page (repeatable)")
     p.add_argument("--auth-file", type=Path, help="file with one USER:PASS per line (# comments allowed)")
-    p.add_argument("--concurrency", type=int, default=1,
-                   help="replies generated at once; others wait in a visible queue (default %(default)s)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="most replies generated at once; others wait in line and see their place "
+                   "(default: what the engine batches, 8 for llama.cpp, 1 for transformers)")
     p.add_argument("--presets-dir", type=Path, default=HERE / "presets", help="folder of model presets")
     p.add_argument("--no-load", action="store_true", help="start without loading a model")
     p.add_argument("--list-presets", action="store_true", help="list the model presets and exit")
@@ -79,7 +81,7 @@ def read_auth(pairs: list[str], auth_file: Path | None) -> list[tuple[str, str]]
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    if args.concurrency < 1:
+    if args.concurrency is not None and args.concurrency < 1:
         raise SystemExit("--concurrency must be at least 1.")
     return Settings(
         preset=args.preset, model=args.model, backend=args.backend, host=args.host, port=args.port,
@@ -135,17 +137,19 @@ def serve(settings: Settings, presets: dict, sampling: dict, key: str | None, sp
     # SIGTERM (systemd, docker stop, kill) becomes a normal exit, so atexit stops any engine
     # server this process started instead of leaving it orphaned.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    manager = ModelManager()
+    manager = ModelManager(max_concurrent=settings.concurrency)
     if settings.load:
         try:
             manager.load(spec)
         except BackendError as e:
             log.error("Could not load %s: %s The page will open without a model.", spec.name, e)
-    demo = build(Handlers(manager, presets, sampling), key, settings.concurrency)
-    demo.queue(default_concurrency_limit=settings.concurrency, max_size=256)
+    # Gradio lets many replies in; the manager admits as many as the engine can batch and tells
+    # the others their place in line. Waiting replies hold a worker thread, hence max_threads.
+    demo = build(Handlers(manager, presets, sampling), key, concurrency=UI_REPLIES)
+    demo.queue(default_concurrency_limit=4, max_size=256)
     demo.launch(
         server_name=settings.host, server_port=settings.port, share=settings.share,
-        auth=settings.auth or None, css=CSS, footer_links=["api"],
+        auth=settings.auth or None, css=CSS, footer_links=["api"], max_threads=2 * UI_REPLIES + 16,
     )
 
 

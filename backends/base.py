@@ -182,6 +182,7 @@ class Chunk:
     text: str = ""
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
     usage: Usage | None = None
+    waiting: int | None = None  # set while queued: how many replies are ahead of this one
 
 
 @dataclass(frozen=True)

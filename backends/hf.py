@@ -13,10 +13,11 @@ import threading
 from typing import Any, Iterator
 
 from . import register
-from .base import BackendError, GenerationParams, Message, ModelSpec, ProgressFn, Prompt
+from .base import BackendError, GenerationParams, Message, ModelSpec, ProgressFn, Prompt, Usage
 from .hub import download
 from .locate import locate
-from .prompting import LocalEngine, encode_segments
+from .kvcache import SessionCaches, common_prefix
+from .prompting import LocalEngine, encode_segments, engine_options as _engine_options
 from .templates import BUILTIN, ChatTemplate, render_segments, resolve
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,11 @@ def _import_engine() -> tuple[Any, Any]:
 
 @register("transformers")
 class TransformersBackend(LocalEngine):
+    # [engine] settings: how many conversations keep their KV cache between turns, and how big.
+    ENGINE_KEYS = {"cache_sessions": 8, "cache_tokens": 16384}
+
     def __init__(self) -> None:
+        self.caches = SessionCaches(0, 0)
         self.model: Any = None
         self.draft: Any = None  # assistant model for assisted (speculative) generation
         self.tokenizer: Any = None
@@ -52,6 +57,8 @@ class TransformersBackend(LocalEngine):
     # ---- loading -------------------------------------------------------------------------
     def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> None:
         torch, transformers = _import_engine()
+        options = _engine_options(spec, self.ENGINE_KEYS)
+        self.caches = SessionCaches(int(options["cache_tokens"]), int(options["cache_sessions"]))
         where = download(locate(spec.model, spec.gguf_file, spec.revision), progress)
         placement = self._placement(spec, torch, transformers)
         progress and progress(0.05, f"Loading tokenizer for {spec.name}")
@@ -139,6 +146,7 @@ class TransformersBackend(LocalEngine):
 
     def unload(self) -> None:
         had_model = self.model is not None
+        self.caches.clear()
         self.model = self.draft = self.tokenizer = None
         if had_model:
             release_memory()
@@ -154,24 +162,29 @@ class TransformersBackend(LocalEngine):
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"]
 
     # ---- generation ----------------------------------------------------------------------
-    def _generate(self, ids: list[int], params: GenerationParams) -> Iterator[tuple[str, int]]:
+    def _generate(
+        self, ids: list[int], params: GenerationParams, usage: Usage, session_id: str | None
+    ) -> Iterator[tuple[str, int]]:
         torch, transformers = _import_engine()
         stop_event = threading.Event()
         counter = _TokenCounter(len(ids), stop_event)
         streamer = transformers.TextIteratorStreamer(
             self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None
         )
+        cache, usage.cached_tokens = self._reusable_cache(session_id, ids, transformers)
         kwargs = dict(
             input_ids=torch.tensor([ids], device=self.model.device),
             attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=self.model.device),
+            past_key_values=cache,
             streamer=streamer,
             stopping_criteria=transformers.StoppingCriteriaList([counter]),
             eos_token_id=self._eos_ids or None,
             pad_token_id=self.tokenizer.pad_token_id or (self._eos_ids[0] if self._eos_ids else None),
             **_sampling_kwargs(params),
         )
-        if self.draft is not None:
+        if self.draft is not None:  # assisted generation keeps its own caches
             kwargs["assistant_model"] = self.draft
+            kwargs.pop("past_key_values")
         failure: list[BaseException] = []
 
         def work() -> None:
@@ -195,8 +208,28 @@ class TransformersBackend(LocalEngine):
         finally:
             stop_event.set()
             worker.join()
+            if not failure and "past_key_values" in kwargs:
+                self._keep_cache(session_id, counter, ids, cache)
         if failure:
             raise BackendError(_generation_advice(failure[0])) from failure[0]
+
+    def _reusable_cache(self, session_id: str | None, ids: list[int], transformers: Any) -> tuple[Any, int]:
+        """This conversation's cache from its last turn, cut back to the prefix the new prompt shares."""
+        entry = self.caches.take(session_id)
+        if entry is not None:
+            old_ids, cache = entry
+            reuse = min(common_prefix(old_ids, ids), len(ids) - 1)  # the last prompt token is always read
+            if reuse > 0 and cache.is_croppable:
+                extra = cache.get_seq_length() - reuse
+                if extra > 0:
+                    cache.crop(-extra)  # transformers 5: a negative count removes tokens from the end
+                return cache, reuse
+        return transformers.DynamicCache(config=self.model.config), 0
+
+    def _keep_cache(self, session_id: str | None, counter: "_TokenCounter", ids: list[int], cache: Any) -> None:
+        # The cache holds every token fed to the model: the prompt and all sampled tokens but the last.
+        seen = counter.sequence.tolist() if counter.sequence is not None else ids
+        self.caches.put(session_id, seen[: cache.get_seq_length()], cache)
 
     def _loaded(self) -> bool:
         return self.model is not None
@@ -220,10 +253,12 @@ class _TokenCounter:
         self.prompt_len = prompt_len
         self.stop_event = stop_event
         self.generated = 0
+        self.sequence: Any = None  # the latest prompt + generated ids
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
+        self.sequence = input_ids[0]
         self.generated = int(input_ids.shape[-1]) - self.prompt_len
         return torch.full((input_ids.shape[0],), self.stop_event.is_set(), dtype=torch.bool)
 

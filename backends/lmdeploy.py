@@ -92,6 +92,7 @@ def _require_gpu() -> None:
 
 @register("lmdeploy")
 class LMDeployBackend:
+    max_concurrent = 64  # TurboMind and the PyTorch engine batch requests themselves
     def __init__(self) -> None:
         self.pipe: Any = None
         self.spec: ModelSpec | None = None

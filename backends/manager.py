@@ -1,8 +1,10 @@
-"""The one loaded model: loading, switching and unloading under a lock, and streaming replies.
+"""The one loaded model: loading, switching and unloading, and admitting replies to it.
 
 Everything above (UI, API, terminal) calls `ModelManager.stream`; nothing else talks to a
-backend. One reply runs at a time on a loaded engine (the CPU engines here are serial);
-a load waits for the reply in flight, then swaps the model. Knows nothing of Gradio or HTTP.
+backend. As many replies run at once as the engine can batch (`backend.max_concurrent`:
+8 for llama.cpp, 1 for transformers on a CPU, capped by --concurrency); the rest wait in a
+first-come line and are told their place. A load waits for the replies in flight, then swaps
+the model. Knows nothing of Gradio or HTTP.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 from . import create
@@ -19,9 +23,13 @@ log = logging.getLogger(__name__)
 
 
 class ModelManager:
-    def __init__(self) -> None:
-        self._swap = threading.Lock()  # held while loading or unloading
-        self._busy = threading.Lock()  # held while a reply streams; a plain Lock, so any thread may release it
+    def __init__(self, max_concurrent: int | None = None) -> None:
+        self.limit = max_concurrent  # --concurrency: at most this many replies at once
+        self._swap = threading.Lock()  # one load or unload at a time
+        self._cond = threading.Condition()  # guards the three fields below
+        self._active = 0  # replies streaming now
+        self._line: deque[object] = deque()  # tickets of replies waiting, first come first served
+        self._swapping = False
         self._backend: Backend | None = None
         self.spec: ModelSpec | None = None
         self.load_seconds: float | None = None
@@ -29,7 +37,7 @@ class ModelManager:
     # ---- model lifecycle -----------------------------------------------------------------
     def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> dict[str, Any]:
         backend = create(spec)  # unknown backend names fail here, before anything is unloaded
-        with self._swap, self._busy:
+        with self._swap, self._exclusive():
             self._unload_locked()
             start = time.perf_counter()
             try:
@@ -47,8 +55,21 @@ class ModelManager:
         return self.describe()
 
     def unload(self) -> None:
-        with self._swap, self._busy:
+        with self._swap, self._exclusive():
             self._unload_locked()
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold new replies back and wait for those in flight to end."""
+        with self._cond:
+            self._swapping = True
+            self._cond.wait_for(lambda: self._active == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._swapping = False
+                self._cond.notify_all()
 
     def _unload_locked(self) -> None:
         if self._backend is not None:
@@ -78,12 +99,49 @@ class ModelManager:
     def default_params(self) -> GenerationParams:
         return self.spec.default_params if self.spec else GenerationParams()
 
+    def capacity(self) -> int:
+        engine = int(getattr(self._backend, "max_concurrent", 1) or 1)
+        return max(1, min(engine, self.limit or engine))
+
     def stream(
         self, messages: list[Message], params: GenerationParams, session_id: str | None = None
     ) -> Iterator[Chunk]:
-        """Stream a reply. Closing the iterator stops the engine and frees it for the next one."""
+        """Stream a reply. Closing the iterator stops the engine and frees it for the next one.
+
+        While the engine is full, yields Chunk(waiting=n): n replies are ahead of this one.
+        """
         if not messages or messages[-1].role not in ("user", "tool"):
             raise BackendError("There is nothing to answer: the conversation must end with a user message.")
-        with self._busy:
+        ticket = object()
+        with self._cond:
+            self._line.append(ticket)
+        admitted = False
+        try:
+            shown = None
+            while not admitted:
+                with self._cond:
+                    admitted = self._try_admit(ticket)
+                    ahead = self._active + self._line.index(ticket) - self.capacity() + 1 if not admitted else 0
+                if admitted:
+                    break
+                if ahead != shown:
+                    shown = ahead
+                    yield Chunk(waiting=max(ahead, 1))
+                with self._cond:
+                    self._cond.wait(0.5)
             backend = self._require()
             yield from backend.stream(messages, params, session_id)
+        finally:
+            with self._cond:
+                if admitted:
+                    self._active -= 1
+                elif ticket in self._line:
+                    self._line.remove(ticket)
+                self._cond.notify_all()
+
+    def _try_admit(self, ticket: object) -> bool:
+        if self._swapping or self._line[0] is not ticket or self._active >= self.capacity():
+            return False
+        self._line.popleft()
+        self._active += 1
+        return True

@@ -31,6 +31,7 @@ def _import_client() -> Any:
 
 @register("openai")
 class OpenAIBackend:
+    max_concurrent = 64  # the server schedules and batches; Confab just keeps the streams apart
     def __init__(self) -> None:
         self.client: Any = None
         self.spec: ModelSpec | None = None

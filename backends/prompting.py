@@ -6,9 +6,9 @@ module turns them into token ids and `Chunk`s. It knows no engine and no UI.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from .base import BackendError, Chunk, Clock, GenerationParams, Message, Prompt, Usage
+from .base import BackendError, Chunk, Clock, GenerationParams, Message, ModelSpec, Prompt, Usage
 from .templates import Segment
 
 Encode = Callable[[str, bool], list[int]]  # (text, parse control tokens?) -> ids
@@ -127,8 +127,8 @@ def chunks_from_deltas(
 class LocalEngine:
     """The reply loop shared by backends that render the prompt and decode token ids here.
 
-    Subclasses provide `render`, `_generate(ids, params) -> Iterator[(delta, n_tokens)]`,
-    `n_ctx`, and `_loaded()`; they may report reused KV-cache tokens in `_cached_tokens`.
+    Subclasses provide `render`, `_generate(ids, params, usage, session_id) -> Iterator[(delta, n)]`
+    (which may fill usage.cached_tokens), `n_ctx`, and `_loaded()`.
     """
 
     n_ctx: int = 0
@@ -137,27 +137,33 @@ class LocalEngine:
         self._require_loaded()
         clock = Clock()
         prompt, dropped = fit_context(self.render, messages, params, self.n_ctx)
-        usage = Usage(
-            prompt_tokens=len(prompt.token_ids),
-            cached_tokens=self._cached_tokens(prompt.token_ids),
-            dropped_messages=dropped,
-        )
-        deltas = self._generate(prompt.token_ids, params)
+        usage = Usage(prompt_tokens=len(prompt.token_ids), dropped_messages=dropped)
+        deltas = self._generate(prompt.token_ids, params, usage, session_id)
         yield from chunks_from_deltas(deltas, params, usage, clock, stop=prompt.stop)
 
     def _require_loaded(self) -> None:
         if not self._loaded():
             raise BackendError("No model is loaded: choose one and press Load.")
 
-    def _cached_tokens(self, ids: list[int]) -> int:
-        return 0
-
     # Provided by the engine-specific subclass.
     def render(self, messages: list[Message]) -> Prompt:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _generate(self, ids: list[int], params: GenerationParams) -> Iterator[tuple[str, int]]:  # pragma: no cover
+    def _generate(
+        self, ids: list[int], params: GenerationParams, usage: Usage, session_id: str | None
+    ) -> Iterator[tuple[str, int]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _loaded(self) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def engine_options(spec: ModelSpec, defaults: dict[str, Any]) -> dict[str, Any]:
+    """A preset's [engine] table over a backend's defaults; unknown keys are refused by name."""
+    unknown = sorted(set(spec.engine) - set(defaults))
+    if unknown:
+        raise BackendError(
+            f"{spec.name}: unknown {spec.backend} engine setting {', '.join(map(repr, unknown))}; "
+            f"known: {', '.join(defaults)}."
+        )
+    return {**defaults, **spec.engine}

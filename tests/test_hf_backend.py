@@ -188,3 +188,28 @@ def test_draft_model_for_assisted_generation_gives_the_same_greedy_text(tiny_mod
     params = GenerationParams(do_sample=False, max_new_tokens=24, repetition_penalty=1.0)
     assert collect(assisted.stream(QUESTION, params))[0] == collect(hf.stream(QUESTION, params))[0]
     assisted.unload()
+
+
+def test_next_turn_reuses_the_sessions_kv_cache_and_answers_the_same(hf):
+    params = GenerationParams(do_sample=False, max_new_tokens=12, repetition_penalty=1.0)
+    first, last = collect(hf.stream(QUESTION, params, session_id="kv-a"))
+    assert last.usage.cached_tokens == 0
+    turn2 = QUESTION + [Message("assistant", first), Message("user", "and the quick brown fox?")]
+    cached_text, last = collect(hf.stream(turn2, params, session_id="kv-a"))
+    assert last.usage.cached_tokens >= len(hf.render(QUESTION).token_ids)
+    fresh_text, fresh = collect(hf.stream(turn2, params, session_id="kv-b"))
+    assert fresh.usage.cached_tokens == 0 and cached_text == fresh_text
+
+
+def test_session_caches_are_bounded(tiny_model_dir):
+    spec = spec_for(tiny_model_dir, engine={"cache_sessions": 2, "cache_tokens": 10_000})
+    backend = create(spec)
+    backend.load(spec)
+    for i in range(4):
+        collect(backend.stream(QUESTION, GenerationParams(max_new_tokens=4), session_id=f"s{i}"))
+    assert len(backend.caches) == 2
+    _, last = collect(backend.stream(QUESTION, GenerationParams(max_new_tokens=4), session_id="s0"))
+    assert last.usage.cached_tokens == 0  # s0 was the least recently used: evicted
+    with pytest.raises(BackendError, match="'cache_size'.*known: cache_sessions"):
+        create(spec).load(spec_for(tiny_model_dir, engine={"cache_size": 1}))
+    backend.unload()

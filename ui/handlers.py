@@ -133,6 +133,9 @@ class Handlers:
         usage: Usage | None = None
         try:
             for chunk in self.manager.stream(to_messages(history, system_prompt), params, session):
+                if chunk.waiting is not None:
+                    ahead = "1 reply" if chunk.waiting == 1 else f"{chunk.waiting} replies"
+                    yield gr.skip(), gr.skip(), f"Waiting for the model: {ahead} ahead of yours…", gr.skip()
                 if chunk.text:
                     reply["content"] += chunk.text
                     yield gr.skip(), shown, gr.skip(), gr.skip()
