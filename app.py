@@ -1,5 +1,7 @@
 """Confab's entry point: flags -> settings -> presets -> model manager -> Gradio UI -> launch.
 
+`python app.py chat [flags]` runs the same stack in the terminal instead of the page.
+
 Only the standard library is imported before the flags are parsed, so `--help` and
 `--list-presets` answer at once; Gradio and the engines load after.
 """
@@ -31,6 +33,7 @@ class Settings:
     concurrency: int | None = None  # None: as many replies as the engine batches
     presets_dir: Path = HERE / "presets"
     load: bool = True
+    api_key: str | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python app.py",
         description="Confab: a web chat for local large language models.",
         epilog="Examples: python app.py | python app.py --preset smollm2-transformers | "
-        "python app.py --model ~/models/qwen.gguf --port 8080",
+        "python app.py --model ~/models/qwen.gguf --port 8080 | python app.py chat (the terminal chat)",
     )
     p.add_argument("--preset", help="model preset to load at start (see --list-presets); default smollm2-llamacpp")
     p.add_argument("--model", help="a hub id (org/name[@rev]), local folder or .gguf file to load instead of a preset")
@@ -55,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=None,
                    help="most replies generated at once; others wait in line and see their place "
                    "(default: what the engine batches, 8 for llama.cpp, 1 for transformers)")
+    p.add_argument("--api-key", default=os.environ.get("CONFAB_API_KEY"),
+                   help="require this bearer key on the OpenAI-compatible API at /v1 (or $CONFAB_API_KEY)")
     p.add_argument("--presets-dir", type=Path, default=HERE / "presets", help="folder of model presets")
     p.add_argument("--no-load", action="store_true", help="start without loading a model")
     p.add_argument("--list-presets", action="store_true", help="list the model presets and exit")
@@ -86,7 +91,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(
         preset=args.preset, model=args.model, backend=args.backend, host=args.host, port=args.port,
         share=args.share, auth=read_auth(args.auth, args.auth_file), concurrency=args.concurrency,
-        presets_dir=args.presets_dir, load=not args.no_load,
+        presets_dir=args.presets_dir, load=not args.no_load, api_key=args.api_key,
     )
 
 
@@ -111,7 +116,9 @@ def list_presets(presets: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    chat = bool(argv) and argv[0] == "chat"  # `python app.py chat ...`: the terminal chat
+    args = parse_args(argv[1:] if chat else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from presets import PresetError, load_model_presets, load_sampling_presets
 
@@ -125,7 +132,27 @@ def main(argv: list[str] | None = None) -> None:
         return
     settings = settings_from(args)
     key, spec = choose_spec(settings, presets)
-    serve(settings, presets, sampling, key, spec)
+    if chat:
+        terminal(settings, presets, spec)
+    else:
+        serve(settings, presets, sampling, key, spec)
+
+
+def terminal(settings: Settings, presets: dict, spec) -> None:
+    from backends.base import BackendError
+    from backends.manager import ModelManager
+    from terminal import TerminalChat
+
+    logging.getLogger().setLevel(logging.WARNING)  # the chat, not the log, belongs on the screen
+    manager = ModelManager()
+    try:
+        manager.load(spec)
+    except BackendError as e:
+        raise SystemExit(f"Could not load {spec.name}: {e}") from None
+    try:
+        TerminalChat(manager, presets).run()
+    finally:
+        manager.unload()
 
 
 def serve(settings: Settings, presets: dict, sampling: dict, key: str | None, spec) -> None:
@@ -150,8 +177,24 @@ def serve(settings: Settings, presets: dict, sampling: dict, key: str | None, sp
     demo.launch(
         server_name=settings.host, server_port=settings.port, share=settings.share,
         auth=settings.auth or None, css=CSS, footer_links=["api"], max_threads=2 * UI_REPLIES + 16,
+        prevent_thread_lock=True,
     )
+    add_openai_api(demo.app, manager, presets, settings.api_key)
+    log.info("OpenAI-compatible API at %s/v1%s", demo.local_url.rstrip("/"),
+             " (API key required)" if settings.api_key else "")
+    demo.block_thread()
 
+
+def add_openai_api(app, manager, presets: dict, api_key: str | None) -> None:
+    """Serve /v1 on the page's own server; its routes go first so nothing of Gradio's shadows them."""
+    from api.openai_api import build_router
+
+    def model_id() -> str:
+        return next((k for k, s in presets.items() if s == manager.spec), manager.spec.model)
+
+    before = len(app.router.routes)
+    app.include_router(build_router(manager, model_id, api_key))
+    app.router.routes[:] = app.router.routes[before:] + app.router.routes[:before]
 
 if __name__ == "__main__":
     sys.exit(main())

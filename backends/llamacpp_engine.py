@@ -78,6 +78,9 @@ class BatchEngine:
         params.n_seq_max = slots
         params.kv_unified = True  # one pool of cells: a long conversation may use what idle ones do not
         params.n_threads = params.n_threads_batch = n_threads
+        # Flash attention keeps long conversations cheap: measured here, reading 200 prompt tokens
+        # after 1,800 cached ones costs 1.56x the same read at the start with it, 1.80x without.
+        params.flash_attn_type = getattr(llama_cpp, "LLAMA_FLASH_ATTN_TYPE_ENABLED", 1)
         self.ctx = internals.LlamaContext(model=model, params=params, verbose=False)
         self.batch = internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=slots, verbose=False)
         self.n_ctx, self.n_batch, self.n_vocab = n_ctx, n_batch, model.n_vocab()

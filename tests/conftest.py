@@ -127,8 +127,8 @@ class RunningApp:
 
 @pytest.fixture(scope="session")
 def app():
-    """The real app on the embedded model, two replies allowed in the queue at once."""
-    running = RunningApp("--concurrency", "2")
+    """The real app on the embedded model."""
+    running = RunningApp("--concurrency", "1")  # one reply at a time: cancel tests prove the engine was freed
     yield running
     running.stop()
 

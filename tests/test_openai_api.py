@@ -1,0 +1,110 @@
+"""The OpenAI-compatible API on the launched app, driven by the official `openai` client."""
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import RunningApp
+
+pytestmark = pytest.mark.timeout(180)
+PARIS = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+@pytest.fixture(scope="module")
+def keyed_app():
+    app = RunningApp("--api-key", "test-key", "--concurrency", "1")
+    yield app
+    app.stop()
+
+
+@pytest.fixture
+def client(keyed_app):
+    return openai.OpenAI(base_url=keyed_app.url + "/v1", api_key="test-key", max_retries=0)
+
+
+def test_models_lists_the_loaded_preset(client):
+    assert [m.id for m in client.models.list()] == ["smollm2-llamacpp"]
+
+
+def test_whole_completion_with_usage(client):
+    r = client.chat.completions.create(model="smollm2-llamacpp", messages=PARIS, temperature=0, max_tokens=48)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens > 10 and r.usage.completion_tokens > 3
+
+
+def test_streamed_completion_arrives_in_pieces(client):
+    stream = client.chat.completions.create(model="smollm2-llamacpp", messages=PARIS, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    pieces, finish, usage = [], None, None
+    for event in stream:
+        if event.usage:
+            usage = event.usage
+        for choice in event.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert len([p for p in pieces if p]) > 3 and "Paris" in "".join(pieces)
+    assert finish == "stop" and usage.completion_tokens > 3
+
+
+def test_sampling_fields_and_extensions_are_honoured(client):
+    r = client.chat.completions.create(model="smollm2-llamacpp", messages=PARIS, max_tokens=3, seed=1,
+                                       temperature=0.7, top_p=0.9, stop=["\n"],
+                                       extra_body={"top_k": 20, "repetition_penalty": 1.1})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    again = client.chat.completions.create(model="smollm2-llamacpp", messages=PARIS, max_tokens=3, seed=1,
+                                           temperature=0.7, top_p=0.9, stop=["\n"],
+                                           extra_body={"top_k": 20, "repetition_penalty": 1.1})
+    assert again.choices[0].message.content == r.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, words",
+    [
+        ({"model": "gpt-4"}, 404, "not loaded here"),
+        ({"temperature": -1}, 400, "temperature"),
+        ({"n": 2}, 400, "n=1"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+        ({"messages": []}, 400, "at least one"),
+    ],
+)
+def test_errors_use_openai_shape_and_status(client, kwargs, status, words):
+    args = {"model": "smollm2-llamacpp", "messages": PARIS, **kwargs}
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(**args)
+    assert err.value.status_code == status and words in err.value.message
+
+
+def test_wrong_key_is_401(keyed_app):
+    bad = openai.OpenAI(base_url=keyed_app.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_dropped_client_frees_the_engine(keyed_app, client):
+    with httpx.stream("POST", keyed_app.url + "/v1/chat/completions", headers={"Authorization": "Bearer test-key"},
+                      json={"messages": [{"role": "user", "content": "Write a very long story."}],
+                            "stream": True, "max_tokens": 3000, "temperature": 0}, timeout=30) as r:
+        for i, _line in enumerate(r.iter_lines()):
+            if i > 10:
+                break  # leaving the block closes the connection mid-reply
+    start = time.monotonic()
+    r = client.chat.completions.create(model="smollm2-llamacpp", messages=PARIS, temperature=0, max_tokens=32)
+    assert "Paris" in r.choices[0].message.content and time.monotonic() - start < 10
+
+
+def test_no_model_loaded_is_503(app):
+    from gradio_client import Client
+
+    gc = Client(app.url, verbose=False)
+    gc.predict(api_name="/unload")
+    try:
+        c = openai.OpenAI(base_url=app.url + "/v1", api_key="x", max_retries=0)
+        assert list(c.models.list()) == []
+        with pytest.raises(openai.APIStatusError) as err:
+            c.chat.completions.create(model="smollm2-llamacpp", messages=PARIS)
+        assert err.value.status_code == 503 and "No model is loaded" in err.value.message
+    finally:
+        gc.predict(choice="smollm2-llamacpp", custom="", backend="llamacpp", api_name="/load")
