@@ -1,0 +1,154 @@
+"""The terminal chat: `python app.py chat [--preset NAME]`, the same manager as the page.
+
+Replies stream as they are generated; Ctrl-C stops a reply (the engine stops within a token),
+not the program; Ctrl-D or /quit leaves. Commands: /reset, /system TEXT, /params key=value ...,
+/load PRESET, /save FILE, /help. Knows the manager and presets, not Gradio or HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from backends.base import BackendError, GenerationParams, Message
+from backends.manager import ModelManager
+
+HELP = """Commands:
+  /reset               start a new conversation (keeps the system prompt)
+  /system TEXT         set the system prompt (empty to clear)
+  /params k=v ...      change sampling, e.g. /params temperature=0.2 max_new_tokens=256
+  /params              show the current sampling settings
+  /load PRESET         load another model preset
+  /save FILE           save the conversation as OpenAI-format JSON
+  /quit                leave (Ctrl-D works too); Ctrl-C stops a reply"""
+
+
+class TerminalChat:
+    def __init__(self, manager: ModelManager, presets: dict, out: TextIO = sys.stdout,
+                 read: Callable[[str], str] = input) -> None:
+        self.manager, self.presets, self.out, self.read = manager, presets, out, read
+        self.history: list[Message] = []
+        self.system = ""
+        self.params = manager.default_params()
+
+    def say(self, text: str = "", end: str = "\n") -> None:
+        self.out.write(text + end)
+        self.out.flush()
+
+    def run(self) -> None:
+        info = self.manager.describe()
+        self.say(f"Confab terminal chat — {info.get('name', 'no model loaded')}. /help for commands, Ctrl-D to quit.")
+        while True:
+            try:
+                line = self.read("you> ")
+            except EOFError:
+                self.say()
+                return
+            except KeyboardInterrupt:
+                self.say()
+                continue
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if self.command(line) == "quit":
+                    return
+            else:
+                self.reply(line)
+
+    def reply(self, text: str) -> None:
+        self.history.append(Message("user", text))
+        messages = ([Message("system", self.system)] if self.system else []) + self.history
+        stream = self.manager.stream(messages, self.params)
+        parts: list[str] = []
+        self.say("bot> ", end="")
+        try:
+            for chunk in stream:
+                if chunk.waiting is not None:
+                    continue
+                parts.append(chunk.text)
+                self.say(chunk.text, end="")
+            self.say()
+        except KeyboardInterrupt:
+            stream.close()  # stops the engine within one token
+            self.say(" [stopped]")
+        except BackendError as e:
+            self.say(f"\n[error] {e}")
+            self.history.pop()  # keep the conversation as it was before the failed turn
+            return
+        self.history.append(Message("assistant", "".join(parts)))
+
+    def command(self, line: str) -> str | None:
+        name, _, rest = line.partition(" ")
+        handlers: dict[str, Callable[[str], Any]] = {
+            "/quit": lambda _: "quit", "/exit": lambda _: "quit", "/help": lambda _: self.say(HELP),
+            "/reset": self.reset, "/system": self.set_system, "/params": self.set_params,
+            "/load": self.load, "/save": self.save,
+        }
+        handler = handlers.get(name)
+        if handler is None:
+            self.say(f"Unknown command {name}. {HELP}")
+            return None
+        return handler(rest.strip())
+
+    def reset(self, _: str) -> None:
+        self.history.clear()
+        self.say("[new conversation]")
+
+    def set_system(self, text: str) -> None:
+        self.system = text
+        self.say(f"[system prompt {'set' if text else 'cleared'}]")
+
+    def set_params(self, text: str) -> None:
+        if not text:
+            self.say(json.dumps(self.params.to_dict()))
+            return
+        changes: dict[str, Any] = {}
+        try:
+            for pair in shlex.split(text):
+                key, sep, value = pair.partition("=")
+                if not sep:
+                    raise BackendError(f"Write settings as key=value, got {pair!r}.")
+                changes[key] = _value(value)
+            self.params = GenerationParams.from_dict(changes, base=self.params)
+        except (BackendError, ValueError) as e:
+            self.say(f"[error] {e}")
+            return
+        self.say(f"[params] {', '.join(f'{k}={getattr(self.params, k)}' for k in changes)}")
+
+    def load(self, key: str) -> None:
+        if key not in self.presets:
+            self.say(f"[error] Unknown preset {key!r}; known: {', '.join(self.presets)}.")
+            return
+        self.say(f"[loading {key} …]")
+        try:
+            info = self.manager.load(self.presets[key])
+        except BackendError as e:
+            self.say(f"[error] {e}")
+            return
+        self.params = self.manager.default_params()
+        self.say(f"[loaded {info['name']} in {info['load_s']:.1f} s]")
+
+    def save(self, path: str) -> None:
+        if not path:
+            self.say("[error] Name a file: /save chat.json")
+            return
+        messages = ([Message("system", self.system)] if self.system else []) + self.history
+        try:
+            Path(path).expanduser().write_text(json.dumps([m.to_dict() for m in messages], indent=2,
+                                                          ensure_ascii=False), encoding="utf-8")
+        except OSError as e:
+            self.say(f"[error] Could not write {path}: {e.strerror}")
+            return
+        self.say(f"[saved {len(messages)} messages to {path}]")
+
+
+def _value(text: str) -> Any:
+    """key=value text -> a number, true/false, null, a JSON list, or the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
