@@ -155,3 +155,19 @@ def test_remote_server_url_in_the_model_box_streams_into_the_ui(app):
     finally:
         client.predict(choice="smollm2-llamacpp", custom="", backend="llamacpp", api_name="/load")
         server.stop()
+
+
+def test_a_waiting_user_sees_their_place_in_line(app):
+    """The shared app runs one reply at a time: a second user is told one reply is ahead."""
+    first = Client(app.url, verbose=False).submit(
+        message="Write a long story about a lighthouse keeper.", history=[], system_prompt="",
+        do_sample=False, max_new_tokens=400, repetition_penalty=1.0, api_name="/respond")
+    deadline = time.monotonic() + 30
+    while len(first.outputs()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = list(Client(app.url, verbose=False).submit(
+        message="Say hi.", history=[], system_prompt="", max_new_tokens=8, api_name="/respond"))
+    first.cancel()
+    statuses = [o[2] for o in second if isinstance(o[2], str)]
+    assert any("Waiting for the model: 1 reply ahead of yours" in s for s in statuses), statuses
+    assert text_of(second[-1][1][-1])
