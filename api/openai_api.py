@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Iterator
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -202,8 +203,11 @@ class Reply:
             yield _sse({"error": {"message": error.message, "type": error.kind, "code": error.status}})
             yield "data: [DONE]\n\n"
         finally:
-            # A client that went away ends up here too (the task is cancelled): stop the engine.
-            await run_in_threadpool(stream.close)
+            # A client that went away ends up here too, in a cancelled task: shield the clean-up so
+            # it runs, and stop the engine. (The worker thread's next() has returned by now: anyio
+            # waits for a thread call to finish before the cancellation takes effect.)
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(stream.close)
 
     def _event(self, delta: dict[str, Any], finish: str | None = None) -> str:
         return _sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
