@@ -121,6 +121,12 @@ BUILTIN: dict[str, ChatTemplate] = {
             stop=("<human>:",),
         ),
         ChatTemplate(
+            # No chat format at all: the text is the prompt (completion-style APIs such as
+            # OpenChatKit's ChatModel, which format their own turns).
+            "raw",
+            "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+        ),
+        ChatTemplate(
             "internlm2",
             "<s>{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",

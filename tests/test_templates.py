@@ -54,6 +54,7 @@ EXPECTED = {
         "Be brief.\n<human>: Hi\n<bot>: Hello!\n<human>: Capital of France?\n<bot>:",
         ("<human>:",),
     ),
+    "raw": ("Be brief.HiHello!Capital of France?", ()),
     "internlm2": (
         "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
         "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n"

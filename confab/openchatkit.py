@@ -1,0 +1,55 @@
+"""OpenChatKit's `ChatModel`: raw `<human>:` / `<bot>:` prompts in, the bot's reply out.
+
+The caller formats the conversation itself (OpenChatKit's Conversation class does), so the
+prompt goes to the engine as it is (the built-in "raw" template); generation stops at the
+next human turn. Knows the manager and presets, not Gradio or HTTP.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from backends.base import GenerationParams, Message, ModelSpec
+from backends.manager import ModelManager
+
+
+class ChatModel:
+    human_id = "<human>"
+    bot_id = "<bot>"
+
+    def __init__(self, model_name: str, gpu_id: int = 0, max_memory: dict | None = None,
+                 load_in_8bit: bool = False, backend: str | None = None) -> None:
+        gguf = model_name == "embedded" or model_name.lower().endswith(".gguf")
+        backend = backend or ("llamacpp" if gguf else "transformers")
+        self.spec = ModelSpec(
+            name=model_name, backend=backend, model=model_name, chat_template="raw",
+            gpu_id=gpu_id if backend == "transformers" and _cuda() else None,
+            max_memory=max_memory if backend == "transformers" else None,
+            quantization="8bit" if load_in_8bit else "none", stop=(f"{self.human_id}:",),
+        )
+        self.manager = ModelManager()
+        self.manager.load(self.spec)
+
+    def do_inference(self, prompt: str, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
+                     stream_callback: Callable[[str], None] | None = None) -> str:
+        """The reply to `prompt` (without the prompt), cut before the next human turn."""
+        params = GenerationParams(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                  top_k=top_k, stop=(f"{self.human_id}:",))
+        pieces = []
+        for chunk in self.manager.stream([Message("user", prompt)], params):
+            if chunk.text:
+                pieces.append(chunk.text)
+                if stream_callback is not None:
+                    stream_callback(chunk.text)
+        return "".join(pieces)
+
+    def close(self) -> None:
+        self.manager.unload()
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
