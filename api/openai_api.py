@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from backends.base import BackendError, Chunk, GenerationParams, Message, ParamError, Usage
+from backends.base import BackendError, Chunk, ContextOverflow, GenerationParams, Message, NotLoaded, ParamError, Usage
 from backends.manager import ModelManager
 
 
@@ -232,8 +232,8 @@ def _usage(usage: Usage | None) -> dict[str, Any]:
 def _status_for(error: BackendError) -> ApiError:
     if isinstance(error, ParamError):
         return ApiError(400, str(error), "invalid_request_error")
-    if "No model is loaded" in str(error):
+    if isinstance(error, NotLoaded):
         return ApiError(503, str(error), "server_error")
-    if "context" in str(error):
+    if isinstance(error, ContextOverflow):
         return ApiError(400, str(error), "invalid_request_error", "messages")
     return ApiError(500, str(error), "server_error")

@@ -22,6 +22,17 @@ class ParamError(BackendError, ValueError):
     """Sampling parameters or a model spec that do not make sense."""
 
 
+class NotLoaded(BackendError):
+    """A reply was asked of a backend or manager with no model loaded."""
+
+    def __init__(self, message: str = "No model is loaded: choose a model and press Load.") -> None:
+        super().__init__(message)
+
+
+class ContextOverflow(BackendError):
+    """The conversation (or its last message) does not fit the model's context."""
+
+
 @dataclass(frozen=True)
 class Message:
     role: str

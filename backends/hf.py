@@ -18,11 +18,10 @@ from .hub import download
 from .locate import locate
 from .kvcache import SessionCaches, common_prefix
 from .prompting import LocalEngine, encode_segments, engine_options as _engine_options
-from .templates import BUILTIN, ChatTemplate, render_segments, resolve
+from .templates import ChatTemplate, choose, render_segments
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-FALLBACK_TEMPLATE = "chatml"
 
 
 def _import_engine() -> tuple[Any, Any]:
@@ -118,15 +117,8 @@ class TransformersBackend(LocalEngine):
 
     def _setup_template(self, spec: ModelSpec) -> None:
         tok = self.tokenizer
-        if spec.chat_template:
-            self.template = resolve(spec.chat_template)
-        elif getattr(tok, "chat_template", None):
-            self.template = ChatTemplate(
-                "model", tok.chat_template, bos_token=tok.bos_token or "", eos_token=tok.eos_token or ""
-            )
-        else:
-            log.warning("%s ships no chat template; using the built-in %s", spec.name, FALLBACK_TEMPLATE)
-            self.template = BUILTIN[FALLBACK_TEMPLATE]
+        self.template = choose(spec.chat_template, getattr(tok, "chat_template", None),
+                               tok.bos_token or "", tok.eos_token or "", spec.name)
         stops = tuple(self.template.stop) + tuple(spec.stop)
         # Stop words that are single control tokens end generation in the engine (the streamer
         # hides special tokens, so text matching would never see them); the rest match as text.
@@ -301,6 +293,7 @@ def _load_advice(spec: ModelSpec, error: Exception) -> str:
 
 def release_memory() -> None:
     """Give freed model memory back to the system, so unloading shows in RSS and on the GPU."""
+    import contextlib
     import ctypes
     import gc
 
@@ -309,10 +302,8 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    try:  # glibc keeps freed heap pages; malloc_trim returns them (a no-op elsewhere)
+    with contextlib.suppress(OSError, AttributeError):  # glibc keeps freed heap pages; this returns them
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _generation_advice(error: BaseException) -> str:

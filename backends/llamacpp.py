@@ -18,10 +18,9 @@ from .hub import download
 from .llamacpp_engine import BatchEngine, init_backend
 from .locate import locate
 from .prompting import LocalEngine, encode_segments, engine_options
-from .templates import BUILTIN, ChatTemplate, render_segments, resolve
+from .templates import ChatTemplate, choose, render_segments
 
 log = logging.getLogger(__name__)
-FALLBACK_TEMPLATE = "chatml"
 
 
 def _import_engine() -> tuple[Any, Any]:
@@ -97,13 +96,7 @@ class LlamaCppBackend(LocalEngine):
         bos_id, eos_id = self.model.token_bos(), self.model.token_eos()
         bos = self.model.token_get_text(bos_id) if bos_id >= 0 else ""
         eos = self.model.token_get_text(eos_id) if eos_id >= 0 else ""
-        if spec.chat_template:
-            self.template = resolve(spec.chat_template)
-        elif meta.get("tokenizer.chat_template"):
-            self.template = ChatTemplate("gguf", meta["tokenizer.chat_template"], bos_token=bos, eos_token=eos)
-        else:
-            log.warning("%s has no chat template; using the built-in %s", self.path, FALLBACK_TEMPLATE)
-            self.template = BUILTIN[FALLBACK_TEMPLATE]
+        self.template = choose(spec.chat_template, meta.get("tokenizer.chat_template"), bos, eos, self.path)
         self._add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true"
         self._stops = tuple(self.template.stop) + tuple(spec.stop)
 

@@ -14,10 +14,10 @@ import logging
 from typing import Any, Iterator
 
 from . import register
-from .base import BackendError, Chunk, Clock, GenerationParams, Message, ModelSpec, ProgressFn, Prompt, Usage
+from .base import BackendError, GenerationParams, Message, ModelSpec, ProgressFn, Usage
 from .hub import download
 from .locate import locate
-from .prompting import chunks_from_deltas
+from .prompting import EngineTemplated
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = (
@@ -91,7 +91,7 @@ def _require_gpu() -> None:
 
 
 @register("lmdeploy")
-class LMDeployBackend:
+class LMDeployBackend(EngineTemplated):
     max_concurrent = 64  # TurboMind and the PyTorch engine batch requests themselves
     def __init__(self) -> None:
         self.pipe: Any = None
@@ -125,22 +125,13 @@ class LMDeployBackend:
             self.pipe.close()
         self.pipe = None
 
-    def render(self, messages: list[Message]) -> Prompt:
-        text = "\n".join(f"[{m.role}] {m.content}" for m in messages)
-        return Prompt(text, [])  # LMDeploy applies the chat template inside the engine
+    def _loaded(self) -> bool:
+        return self.pipe is not None
 
-    def stream(
-        self, messages: list[Message], params: GenerationParams, session_id: str | None = None
-    ) -> Iterator[Chunk]:
-        if self.pipe is None:
-            raise BackendError("No model is loaded: choose one and press Load.")
-        if self.n_ctx:
-            params.check_context(self.n_ctx)
-        clock, usage = Clock(), Usage()
+    def _deltas(
+        self, messages: list[Message], params: GenerationParams, usage: Usage, session_id: str | None
+    ) -> Iterator[tuple[str, int]]:
         gen_config = self._messages.GenerationConfig(**generation_config_kwargs(params))
-        yield from chunks_from_deltas(self._deltas(messages, gen_config, usage), params, usage, clock)
-
-    def _deltas(self, messages: list[Message], gen_config: Any, usage: Usage) -> Iterator[tuple[str, int]]:
         session = self.pipe.session()
         finished = False
         try:

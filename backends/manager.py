@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from . import create
-from .base import BackendError, Backend, Chunk, GenerationParams, Message, ModelSpec, ProgressFn, Prompt
+from .base import BackendError, Backend, Chunk, GenerationParams, Message, ModelSpec, NotLoaded, ProgressFn, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class ModelManager:
     # ---- replies -------------------------------------------------------------------------
     def _require(self) -> Backend:
         if self._backend is None:
-            raise BackendError("No model is loaded: choose a model and press Load.")
+            raise NotLoaded()
         return self._backend
 
     def render(self, messages: list[Message]) -> Prompt:

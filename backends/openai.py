@@ -14,8 +14,8 @@ import shutil
 from typing import Any, Iterator
 
 from . import register
-from .base import BackendError, Chunk, Clock, GenerationParams, Message, ModelSpec, ProgressFn, Prompt, Usage
-from .prompting import chunks_from_deltas
+from .base import BackendError, GenerationParams, Message, ModelSpec, ProgressFn, Usage
+from .prompting import EngineTemplated
 from .server import ManagedServer, free_port
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def _import_client() -> Any:
 
 
 @register("openai")
-class OpenAIBackend:
+class OpenAIBackend(EngineTemplated):
     max_concurrent = 64  # the server schedules and batches; Confab just keeps the streams apart
     def __init__(self) -> None:
         self.client: Any = None
@@ -101,20 +101,8 @@ class OpenAIBackend:
             self.server = None
 
     # ---- replies -------------------------------------------------------------------------
-    def render(self, messages: list[Message]) -> Prompt:
-        # The server owns the chat template; show what is sent.
-        text = "\n".join(f"[{m.role}] {m.content}" for m in messages)
-        return Prompt(text, [])
-
-    def stream(
-        self, messages: list[Message], params: GenerationParams, session_id: str | None = None
-    ) -> Iterator[Chunk]:
-        if self.client is None:
-            raise BackendError("No model is loaded: choose one and press Load.")
-        if self.n_ctx:
-            params.check_context(self.n_ctx)
-        clock, usage = Clock(), Usage()
-        yield from chunks_from_deltas(self._deltas(messages, params, usage, session_id), params, usage, clock)
+    def _loaded(self) -> bool:
+        return self.client is not None
 
     def _deltas(
         self, messages: list[Message], params: GenerationParams, usage: Usage, session_id: str | None
@@ -195,28 +183,23 @@ class _OpenAIErrors:
         if error is None or isinstance(error, (BackendError, GeneratorExit)):
             return False
         openai = _import_client()
-        if isinstance(error, openai.APITimeoutError):
-            raise BackendError(
-                f"The engine at {self.url} did not answer within {self.timeout:.0f} s. It may be busy or stuck; "
-                "try again, or raise timeout_s in the preset."
-            ) from error
-        if isinstance(error, openai.APIConnectionError):
-            raise BackendError(
-                f"Cannot reach the engine at {self.url}. Is the server running, and is the address right?"
-            ) from error
-        if isinstance(error, openai.AuthenticationError):
-            raise BackendError(
-                f"The engine at {self.url} refused the API key (401). Set api_key in the preset or OPENAI_API_KEY."
-            ) from error
-        if isinstance(error, openai.NotFoundError):
-            raise BackendError(
-                f"The engine at {self.url} answered 404 for model {self.model!r}: the model name or the URL is "
-                "wrong (the URL usually ends in /v1)."
-            ) from error
-        if isinstance(error, openai.APIStatusError):
-            raise BackendError(
-                f"The engine at {self.url} refused the request ({error.status_code}): {_detail(error)}"
-            ) from error
+        # Most specific first: AuthenticationError and NotFoundError are APIStatusErrors too.
+        url = self.url
+        advice = [
+            (openai.APITimeoutError, f"The engine at {url} did not answer within {self.timeout:.0f} s. It may be "
+                                     "busy or stuck; try again, or raise timeout_s in the preset."),
+            (openai.APIConnectionError, f"Cannot reach the engine at {url}. Is the server running, and is the "
+                                        "address right?"),
+            (openai.AuthenticationError, f"The engine at {url} refused the API key (401). Set api_key in the preset "
+                                         "or OPENAI_API_KEY."),
+            (openai.NotFoundError, f"The engine at {url} answered 404 for model {self.model!r}: the model name or "
+                                   "the URL is wrong (the URL usually ends in /v1)."),
+            (openai.APIStatusError, f"The engine at {url} refused the request "
+                                    f"({getattr(error, 'status_code', '?')}): {_detail(error)}"),
+        ]
+        for kind, text in advice:
+            if isinstance(error, kind):
+                raise BackendError(text) from error
         return False
 
 

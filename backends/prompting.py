@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Iterator
 
-from .base import BackendError, Chunk, Clock, GenerationParams, Message, ModelSpec, Prompt, Usage
+from .base import BackendError, Chunk, Clock, ContextOverflow, GenerationParams, Message, ModelSpec, NotLoaded, Prompt, Usage
 from .templates import Segment
 
 Encode = Callable[[str, bool], list[int]]  # (text, parse control tokens?) -> ids
@@ -45,7 +45,7 @@ def fit_context(
         step = 2 if len(rest) > 2 and rest[0].role == "user" and rest[1].role == "assistant" else 1
         rest = rest[step:]
         dropped += step
-    raise BackendError(
+    raise ContextOverflow(
         f"The last message and the reply do not fit the model's context: the prompt is "
         f"{len(prompt.token_ids)} tokens, max_new_tokens is {params.max_new_tokens}, and the context "
         f"holds {n_ctx}. Shorten the message or the system prompt, lower max_new_tokens, or load the "
@@ -143,7 +143,7 @@ class LocalEngine:
 
     def _require_loaded(self) -> None:
         if not self._loaded():
-            raise BackendError("No model is loaded: choose one and press Load.")
+            raise NotLoaded()
 
     # Provided by the engine-specific subclass.
     def render(self, messages: list[Message]) -> Prompt:  # pragma: no cover - abstract
@@ -167,3 +167,31 @@ def engine_options(spec: ModelSpec, defaults: dict[str, Any]) -> dict[str, Any]:
             f"known: {', '.join(defaults)}."
         )
     return {**defaults, **spec.engine}
+
+
+class EngineTemplated:
+    """The reply loop shared by backends whose engine applies the chat template itself (a remote
+    server, LMDeploy): nothing to tokenize here. Subclasses provide `_loaded()`, `n_ctx` and
+    `_deltas(messages, params, usage, session_id) -> Iterator[(delta, n_tokens)]`."""
+
+    n_ctx: int = 0
+
+    def render(self, messages: list[Message]) -> Prompt:
+        # The engine owns the template: show what is sent.
+        return Prompt("\n".join(f"[{m.role}] {m.content}" for m in messages), [])
+
+    def stream(self, messages: list[Message], params: GenerationParams, session_id: str | None = None) -> Iterator[Chunk]:
+        if not self._loaded():
+            raise NotLoaded()
+        if self.n_ctx:
+            params.check_context(self.n_ctx)
+        clock, usage = Clock(), Usage()
+        yield from chunks_from_deltas(self._deltas(messages, params, usage, session_id), params, usage, clock)
+
+    def _loaded(self) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _deltas(
+        self, messages: list[Message], params: GenerationParams, usage: Usage, session_id: str | None
+    ) -> Iterator[tuple[str, int]]:  # pragma: no cover - abstract
+        raise NotImplementedError

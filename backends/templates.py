@@ -8,6 +8,7 @@ control token. This module knows Jinja, not tokenizers or engines.
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .base import BackendError, Message
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,19 @@ BUILTIN: dict[str, ChatTemplate] = {
         ),
     ]
 }
+
+
+FALLBACK = "chatml"
+
+
+def choose(named: str | None, model_source: str | None, bos: str = "", eos: str = "", what: str = "") -> ChatTemplate:
+    """The template a preset names, else the model's own, else the built-in fallback."""
+    if named:
+        return resolve(named)
+    if model_source:
+        return ChatTemplate("model", model_source, bos_token=bos, eos_token=eos)
+    log.warning("%s ships no chat template; using the built-in %s", what or "the model", FALLBACK)
+    return BUILTIN[FALLBACK]
 
 
 def names() -> list[str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import os
 import platform
@@ -44,13 +45,15 @@ TARGETS = {"overhead": 0.95, "long_chat": 1.5, "many_users_ttft": 8.0, "many_use
 
 
 # ---- helpers ---------------------------------------------------------------------------
-def tokens_of(text: str) -> int:
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
     from llama_cpp import Llama
 
-    global _TOKENIZER
-    if "_TOKENIZER" not in globals():
-        _TOKENIZER = Llama(str(embedded_gguf()), n_ctx=256, vocab_only=True, verbose=False)
-    return len(_TOKENIZER.tokenize(text.encode(), add_bos=False))
+    return Llama(str(embedded_gguf()), n_ctx=256, vocab_only=True, verbose=False)
+
+
+def tokens_of(text: str) -> int:
+    return len(_tokenizer().tokenize(text.encode(), add_bos=False))
 
 
 def gradio_stream(url: str, message: str, max_new_tokens: int = NEW_TOKENS, api: str = "/respond") -> dict:

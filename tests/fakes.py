@@ -9,7 +9,7 @@ import threading
 import time
 
 from backends import register
-from backends.base import BackendError, Chunk, Clock, GenerationParams, Message, Prompt, Usage
+from backends.base import BackendError, Clock, GenerationParams, Message, Prompt, Usage
 from backends.prompting import chunks_from_deltas, fit_context
 
 

@@ -172,10 +172,6 @@ class Handlers:
         return "", [], _saved([], system_prompt)
 
     @staticmethod
-    def after_stop(history: list[dict], system_prompt: str):
-        return _saved(history, system_prompt)
-
-    @staticmethod
     def restore(saved: dict | None):
         saved = saved or {}
         messages = saved.get("messages") if isinstance(saved.get("messages"), list) else []

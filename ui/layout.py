@@ -11,7 +11,7 @@ import gradio as gr
 
 from backends.base import GenerationParams
 
-from .chat import ui_values
+from .chat import PARAM_FIELDS, ui_values
 from .handlers import CUSTOM, Handlers
 
 CSS = """
@@ -96,8 +96,7 @@ def _model_panel(handlers: Handlers, current_preset: str | None) -> dict[str, An
 
 
 def _sampling_panel(handlers: Handlers, defaults: GenerationParams) -> tuple[gr.Dropdown, list]:
-    values = dict(zip(("temperature", "top_p", "top_k", "min_p", "max_new_tokens", "repetition_penalty",
-                       "do_sample", "seed", "stop"), ui_values(defaults)))
+    values = dict(zip(PARAM_FIELDS, ui_values(defaults)))
     with gr.Accordion("Sampling", open=False):
         preset = gr.Dropdown(
             choices=sorted(handlers.sampling_presets), value=None, label="Sampling preset",
@@ -137,7 +136,7 @@ def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, sliders, save
                           **reply_opts),
     ]
     c["stop"].click(None, cancels=replies, api_visibility="private").then(
-        h.after_stop, [c["chatbot"], system], saved, api_visibility="private"
+        h.save, [c["chatbot"], system], saved, api_visibility="private"
     )
     undo_args = dict(fn=h.undo, inputs=[c["chatbot"], system], outputs=[c["input"], c["chatbot"], saved])
     c["undo"].click(**undo_args, api_name="undo")
