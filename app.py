@@ -32,6 +32,7 @@ class Settings:
     auth: list[tuple[str, str]] = field(default_factory=list)
     concurrency: int | None = None  # None: as many replies as the engine batches
     presets_dir: Path = HERE / "presets"
+    tools_dir: Path = HERE / "tools"
     load: bool = True
     api_key: str | None = None
 
@@ -61,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", default=os.environ.get("CONFAB_API_KEY"),
                    help="require this bearer key on the OpenAI-compatible API at /v1 (or $CONFAB_API_KEY)")
     p.add_argument("--presets-dir", type=Path, default=HERE / "presets", help="folder of model presets")
+    p.add_argument("--tools-dir", type=Path, default=HERE / "tools",
+                   help="folder of tool files (@tool functions) that presets may switch on")
     p.add_argument("--no-load", action="store_true", help="start without loading a model")
     p.add_argument("--list-presets", action="store_true", help="list the model presets and exit")
     return p.parse_args(argv)
@@ -91,7 +94,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(
         preset=args.preset, model=args.model, backend=args.backend, host=args.host, port=args.port,
         share=args.share, auth=read_auth(args.auth, args.auth_file), concurrency=args.concurrency,
-        presets_dir=args.presets_dir, load=not args.no_load, api_key=args.api_key,
+        presets_dir=args.presets_dir, tools_dir=args.tools_dir, load=not args.no_load, api_key=args.api_key,
     )
 
 
@@ -172,7 +175,8 @@ def serve(settings: Settings, presets: dict, sampling: dict, key: str | None, sp
             log.error("Could not load %s: %s The page will open without a model.", spec.name, e)
     # Gradio lets many replies in; the manager admits as many as the engine can batch and tells
     # the others their place in line. Waiting replies hold a worker thread, hence max_threads.
-    demo = build(Handlers(manager, presets, sampling), key, concurrency=UI_REPLIES)
+    demo = build(Handlers(manager, presets, sampling, load_tools(settings.tools_dir, presets)), key,
+                 concurrency=UI_REPLIES)
     demo.queue(default_concurrency_limit=4, max_size=256)
     demo.launch(
         server_name=settings.host, server_port=settings.port, share=settings.share,
@@ -183,6 +187,23 @@ def serve(settings: Settings, presets: dict, sampling: dict, key: str | None, sp
     log.info("OpenAI-compatible API at %s/v1%s", demo.local_url.rstrip("/"),
              " (API key required)" if settings.api_key else "")
     demo.block_thread()
+
+
+def load_tools(folder: Path, presets: dict) -> dict:
+    """The tools folder's tools; a preset that names a missing tool stops the start-up."""
+    from backends.base import BackendError
+    from backends.tools import load_tools_dir, pick
+
+    try:
+        tools = load_tools_dir(folder) if folder.is_dir() else {}
+    except BackendError as e:
+        raise SystemExit(str(e)) from None
+    for key, spec in presets.items():
+        try:
+            pick(tools, spec.tools, f"tools in {folder}")
+        except BackendError as e:
+            raise SystemExit(f"Preset {key!r}: {e}") from None
+    return tools
 
 
 def add_openai_api(app, manager, presets: dict, api_key: str | None) -> None:

@@ -236,9 +236,13 @@ class ModelSpec:
     engine: dict[str, Any] = field(default_factory=dict)  # passed to the engine's own config class
     server: dict[str, Any] = field(default_factory=dict)  # a server Confab starts and stops
     sampling: dict[str, Any] = field(default_factory=dict)
+    tools: tuple[str, ...] = ()  # names of tools (from the tools folder) this model may call
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _as_stop_tuple(self.stop))
+        if isinstance(self.tools, str) or not all(isinstance(t, str) for t in self.tools):
+            raise ParamError(f"tools must be a list of tool names, got {self.tools!r}.")
+        object.__setattr__(self, "tools", tuple(self.tools))
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ParamError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}.")
         if self.quantization not in ("none", "8bit", "4bit"):

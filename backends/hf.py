@@ -144,9 +144,9 @@ class TransformersBackend(LocalEngine):
             release_memory()
 
     # ---- prompts -------------------------------------------------------------------------
-    def render(self, messages: list[Message]) -> Prompt:
+    def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> Prompt:
         self._require_loaded()
-        segments = render_segments(self.template, messages)
+        segments = render_segments(self.template, messages, **({"tools": tools} if tools else {}))
         ids = encode_segments(segments, self._encode)
         return Prompt("".join(s.text for s in segments), ids, self._text_stops)
 

@@ -107,9 +107,9 @@ class LlamaCppBackend(LocalEngine):
             self.model.close()
         self.engine = self.model = None
 
-    def render(self, messages: list[Message]) -> Prompt:
+    def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> Prompt:
         self._require_loaded()
-        segments = render_segments(self.template, messages)
+        segments = render_segments(self.template, messages, **({"tools": tools} if tools else {}))
         ids = encode_segments(segments, self._encode)
         bos = self.model.token_bos()
         if self._add_bos and bos >= 0 and ids[:1] != [bos]:

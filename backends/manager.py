@@ -93,8 +93,12 @@ class ModelManager:
             raise NotLoaded()
         return self._backend
 
-    def render(self, messages: list[Message]) -> Prompt:
-        return self._require().render(messages)
+    def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> Prompt:
+        return self._require().render(messages, **({"tools": tools} if tools else {}))
+
+    def takes_tools(self) -> bool:
+        """Whether the loaded model's chat template describes tools itself (`tools=`)."""
+        return bool(getattr(self._backend, "takes_tools", False))
 
     def default_params(self) -> GenerationParams:
         return self.spec.default_params if self.spec else GenerationParams()
@@ -104,7 +108,8 @@ class ModelManager:
         return max(1, min(engine, self.limit or engine))
 
     def stream(
-        self, messages: list[Message], params: GenerationParams, session_id: str | None = None
+        self, messages: list[Message], params: GenerationParams, session_id: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> Iterator[Chunk]:
         """Stream a reply. Closing the iterator stops the engine and frees it for the next one.
 
@@ -130,7 +135,7 @@ class ModelManager:
                 with self._cond:
                     self._cond.wait(0.5)
             backend = self._require()
-            yield from backend.stream(messages, params, session_id)
+            yield from backend.stream(messages, params, session_id, **({"tools": tools} if tools else {}))
         finally:
             with self._cond:
                 if admitted:

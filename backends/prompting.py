@@ -6,6 +6,7 @@ module turns them into token ids and `Chunk`s. It knows no engine and no UI.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Iterable, Iterator
 
 from .base import BackendError, Chunk, Clock, ContextOverflow, GenerationParams, Message, ModelSpec, NotLoaded, Prompt, Usage
@@ -133,10 +134,20 @@ class LocalEngine:
 
     n_ctx: int = 0
 
-    def stream(self, messages: list[Message], params: GenerationParams, session_id: str | None = None) -> Iterator[Chunk]:
+    template: Any = None  # the ChatTemplate in use, set by load()
+
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the chat template describes tools itself (renders a `tools=` list)."""
+        return self.template is not None and re.search(r"\btools\b", self.template.source) is not None
+
+    def stream(
+        self, messages: list[Message], params: GenerationParams, session_id: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Iterator[Chunk]:
         self._require_loaded()
         clock = Clock()
-        prompt, dropped = fit_context(self.render, messages, params, self.n_ctx)
+        prompt, dropped = fit_context(lambda m: self.render(m, tools=tools), messages, params, self.n_ctx)
         usage = Usage(prompt_tokens=len(prompt.token_ids), dropped_messages=dropped)
         deltas = self._generate(prompt.token_ids, params, usage, session_id)
         yield from chunks_from_deltas(deltas, params, usage, clock, stop=prompt.stop)
@@ -146,7 +157,7 @@ class LocalEngine:
             raise NotLoaded()
 
     # Provided by the engine-specific subclass.
-    def render(self, messages: list[Message]) -> Prompt:  # pragma: no cover - abstract
+    def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> Prompt:  # pragma: no cover
         raise NotImplementedError
 
     def _generate(
@@ -175,12 +186,16 @@ class EngineTemplated:
     `_deltas(messages, params, usage, session_id) -> Iterator[(delta, n_tokens)]`."""
 
     n_ctx: int = 0
+    takes_tools = False  # tools are described in the system prompt (Toolset.prepare)
 
-    def render(self, messages: list[Message]) -> Prompt:
+    def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> Prompt:
         # The engine owns the template: show what is sent.
         return Prompt("\n".join(f"[{m.role}] {m.content}" for m in messages), [])
 
-    def stream(self, messages: list[Message], params: GenerationParams, session_id: str | None = None) -> Iterator[Chunk]:
+    def stream(
+        self, messages: list[Message], params: GenerationParams, session_id: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Iterator[Chunk]:
         if not self._loaded():
             raise NotLoaded()
         if self.n_ctx:

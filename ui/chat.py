@@ -1,8 +1,10 @@
 """Conversation plumbing between Gradio's chat format and the model layer. No Gradio imports.
 
 Gradio's Chatbot holds messages as dicts whose content may be a list of parts; the model
-layer wants `Message`s. Export and import use the OpenAI messages format: a JSON list of
-{"role", "content"}.
+layer wants `Message`s. A tool call shows in the chat as an assistant message whose metadata
+title is the call (`🛠️ calculator(expression='12*7')`) and whose content is the result; it goes
+back to the model as the call and a `tool` message. Export and import use the OpenAI messages
+format: a JSON list of {"role", "content"}.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 from typing import Any
 
 from backends.base import GenerationParams, Message, ParamError, Usage
+from backends.tools import CALL_START, Toolset, ToolStep, call_from_title
 
 # The sampling controls, in the order the UI lists them and handlers receive them.
 PARAM_FIELDS = (
@@ -40,22 +43,69 @@ def flatten(content: Any) -> str:
     return str(content)
 
 
-def clean_history(history: list[dict] | None) -> list[dict[str, str]]:
-    """Chatbot value -> [{'role', 'content'}] with plain text, dropping tool/thought steps."""
-    out = []
+def clean_history(history: list[dict] | None) -> list[dict[str, Any]]:
+    """Chatbot value -> [{'role', 'content'}] with plain text; tool steps keep their metadata,
+    other titled steps (and anything malformed) are dropped."""
+    out: list[dict[str, Any]] = []
     for item in history or []:
         if not isinstance(item, dict) or item.get("role") not in ("user", "assistant"):
             continue
-        if (item.get("metadata") or {}).get("title"):
+        meta = item.get("metadata") or {}
+        title = meta.get("title") if isinstance(meta, dict) else None
+        if title and not (item["role"] == "assistant" and call_from_title(str(title))):
             continue
-        out.append({"role": item["role"], "content": flatten(item.get("content"))})
+        clean = {"role": item["role"], "content": flatten(item.get("content"))}
+        if title:
+            clean["metadata"] = {"title": str(title), "status": "done",
+                                 **({"duration": meta["duration"]} if isinstance(meta.get("duration"), (int, float)) else {})}
+        out.append(clean)
     return out
 
 
-def to_messages(history: list[dict[str, str]], system_prompt: str | None) -> list[Message]:
+def step_message(step: ToolStep) -> dict[str, Any]:
+    """A tool call and its result as one collapsible chat message."""
+    return {"role": "assistant", "content": step.output,
+            "metadata": {"title": step.title, "status": "done", "duration": round(step.seconds, 3)}}
+
+
+def to_messages(history: list[dict[str, Any]], system_prompt: str | None) -> list[Message]:
     messages = [Message("system", system_prompt.strip())] if system_prompt and system_prompt.strip() else []
-    messages += [Message(m["role"], m["content"]) for m in history]
+    for m in history:
+        call = call_from_title(m.get("metadata", {}).get("title", "")) if m.get("metadata") else None
+        if call is None:
+            messages.append(Message(m["role"], m["content"]))
+            continue
+        # The call joins the assistant text that led to it (one model turn), then its result.
+        tool_msgs = 0
+        while tool_msgs < len(messages) and messages[-1 - tool_msgs].role == "tool":
+            tool_msgs += 1
+        prev = messages[-1 - tool_msgs] if tool_msgs < len(messages) else None
+        if prev is not None and prev.role == "assistant":
+            messages[-1 - tool_msgs] = Message("assistant", f"{prev.content}\n{call.to_text()}".lstrip("\n"))
+        else:
+            messages.append(Message("assistant", call.to_text()))
+        messages.append(Message("tool", m["content"]))
     return messages
+
+
+def history_from_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """The inverse of to_messages for chats that used tools: calls and results become steps."""
+    history: list[dict[str, Any]] = []
+    pending: list = []
+    for m in messages:
+        if m.role == "assistant" and CALL_START in m.content:
+            said = m.content.split(CALL_START)[0].strip()
+            if said:
+                history.append({"role": "assistant", "content": said})
+            pending = Toolset().find_calls(m.content)
+        elif m.role == "tool":
+            call = pending.pop(0) if pending else None
+            if call is None or call.error:
+                raise ParamError("A tool message does not follow an assistant message that called a tool.")
+            history.append(step_message(ToolStep(call, m.content, not m.content.startswith("Error:"))))
+        elif m.role in ("user", "assistant"):
+            history.append({"role": m.role, "content": m.content})
+    return history
 
 
 def params_from_ui(values: dict[str, Any], base: GenerationParams | None = None) -> GenerationParams:
@@ -104,18 +154,18 @@ def import_json(text: str) -> tuple[list[dict[str, str]], str]:
         data = data["messages"]
     if not isinstance(data, list):
         raise ParamError(f"The file holds a {type(data).__name__}, not a list of messages. {hint}")
-    system, history = "", []
+    system, messages = "", []
     for i, item in enumerate(data, 1):
         if not isinstance(item, dict) or "role" not in item or "content" not in item:
             raise ParamError(f"Message {i} has no role or no content. {hint}")
         role, content = item["role"], flatten(item["content"])
         if role == "system":
             system = content
-        elif role in ("user", "assistant"):
-            history.append({"role": role, "content": content})
+        elif role in ("user", "assistant", "tool"):
+            messages.append(Message(role, content))
         else:
-            raise ParamError(f"Message {i} has role {role!r}; only system, user and assistant can be imported.")
-    return history, system
+            raise ParamError(f"Message {i} has role {role!r}; only system, user, assistant and tool can be imported.")
+    return history_from_messages(messages), system
 
 
 def format_status(info: dict[str, Any], usage: Usage | None = None, note: str = "") -> str:

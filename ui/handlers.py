@@ -20,6 +20,7 @@ from backends import names as backend_names
 from backends.base import BackendError, GenerationParams, ModelSpec, Usage
 from backends.hub import cached_models
 from backends.manager import ModelManager
+from backends.tools import Tool, Toolset, ToolStep, pick, stream_with_tools
 
 from .chat import (
     PARAM_FIELDS,
@@ -29,6 +30,7 @@ from .chat import (
     format_status,
     import_json,
     params_from_ui,
+    step_message,
     to_messages,
     ui_values,
 )
@@ -66,10 +68,12 @@ class Handlers:
         manager: ModelManager,
         presets: dict[str, ModelSpec],
         sampling_presets: dict[str, dict[str, Any]],
+        tools: dict[str, Tool] | None = None,
     ) -> None:
         self.manager = manager
         self.presets = presets
         self.sampling_presets = sampling_presets
+        self.tools = tools or {}  # every tool in the tools folder; a preset switches some on
 
     # ---- replies -------------------------------------------------------------------------
     def respond(
@@ -86,6 +90,7 @@ class Handlers:
         do_sample: bool,
         seed: int,
         stop: str,
+        use_tools: bool = True,
         request: gr.Request = None,
     ) -> Iterator[tuple]:
         """Send: show the user's message at once, then stream the reply. Outputs: input, chat, status, saved."""
@@ -98,9 +103,11 @@ class Handlers:
             return
         params = self._params(values)
         history = clean_history(history) + [{"role": "user", "content": text}]
-        yield from self._reply(history, system_prompt, params, _session(request), clear_input=True)
+        yield from self._reply(history, system_prompt, params, _session(request), self._toolset(use_tools),
+                               clear_input=True)
 
     # Gradio fills annotated Request/EditData parameters only before a *args, hence their place.
+    # `values` is the sampling controls in PARAM_FIELDS order, then the "Use tools" box.
     def regenerate(self, request: gr.Request, history: list[dict], system_prompt: str, *values: Any):
         history = clean_history(history)
         while history and history[-1]["role"] == "assistant":
@@ -109,15 +116,40 @@ class Handlers:
             gr.Warning("There is no message to answer yet.")
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
-        params = self._params(dict(zip(PARAM_FIELDS, values)))
-        yield from self._reply(history, system_prompt, params, _session(request))
+        params, toolset = self._controls(values)
+        yield from self._reply(history, system_prompt, params, _session(request), toolset)
 
     def edit(self, request: gr.Request, edit: gr.EditData, history: list[dict], system_prompt: str, *values: Any):
         """A user message was edited in place: drop what followed it and answer again."""
         index = edit.index if isinstance(edit.index, int) else edit.index[0]
         history = clean_history(history[:index]) + [{"role": "user", "content": flatten(edit.value)}]
-        params = self._params(dict(zip(PARAM_FIELDS, values)))
-        yield from self._reply(history, system_prompt, params, _session(request))
+        params, toolset = self._controls(values)
+        yield from self._reply(history, system_prompt, params, _session(request), toolset)
+
+    def _controls(self, values: tuple) -> tuple[GenerationParams, Toolset]:
+        n = len(PARAM_FIELDS)
+        use_tools = bool(values[n]) if len(values) > n else True
+        return self._params(dict(zip(PARAM_FIELDS, values[:n]))), self._toolset(use_tools)
+
+    def _toolset(self, use_tools: bool) -> Toolset:
+        """The loaded preset's tools, unless the user switched tools off."""
+        spec = self.manager.spec
+        if not use_tools or spec is None or not spec.tools:
+            return Toolset()
+        try:
+            return Toolset(pick(self.tools, spec.tools, "tools in the tools folder"))
+        except BackendError as e:
+            raise gr.Error(f"{spec.name}: {e}", print_exception=False) from e
+
+    def tools_label(self) -> dict[str, Any]:
+        """The "Use tools" box's label and state for the loaded preset's tools."""
+        names = self.manager.spec.tools if self.manager.spec else ()
+        if not names:
+            return {"label": "Use tools (the loaded model has none)", "interactive": False}
+        return {"label": f"Use tools: {', '.join(names)}", "interactive": True}
+
+    def tools_box(self) -> gr.Checkbox:
+        return gr.Checkbox(**self.tools_label())
 
     def _params(self, values: dict[str, Any]) -> GenerationParams:
         try:
@@ -125,16 +157,27 @@ class Handlers:
         except BackendError as e:
             raise gr.Error(f"{e} Fix it in the Sampling panel.", print_exception=False) from e
 
-    def _reply(self, history, system_prompt, params, session, clear_input=False) -> Iterator[tuple]:
-        """Stream into a new assistant message. Yields (input, chat, status, saved)."""
+    def _reply(self, history, system_prompt, params, session, toolset: Toolset, clear_input=False) -> Iterator[tuple]:
+        """Stream into a new assistant message; each tool call becomes a collapsible step.
+        Yields (input, chat, status, saved)."""
         reply = {"role": "assistant", "content": ""}
         shown = history + [reply]
         saved = _saved(history, system_prompt)
         yield ("" if clear_input else gr.skip()), shown, "Thinking…", saved
         usage: Usage | None = None
         last_frame = 0.0
+        stream = functools.partial(self.manager.stream, session_id=session)
+        events = stream_with_tools(stream, to_messages(history, system_prompt), params, toolset,
+                                   takes_tools=self.manager.takes_tools())
         try:
-            for chunk in self.manager.stream(to_messages(history, system_prompt), params, session):
+            for chunk in events:
+                if isinstance(chunk, ToolStep):
+                    if not reply["content"].strip():
+                        shown.remove(reply)
+                    reply = {"role": "assistant", "content": ""}
+                    shown += [step_message(chunk), reply]
+                    yield gr.skip(), shown, f"Used {chunk.call.name}…", gr.skip()
+                    continue
                 if chunk.waiting is not None:
                     ahead = "1 reply" if chunk.waiting == 1 else f"{chunk.waiting} replies"
                     yield gr.skip(), gr.skip(), f"Waiting for the model: {ahead} ahead of yours…", gr.skip()
@@ -149,11 +192,15 @@ class Handlers:
                 if chunk.usage is not None:
                     usage = chunk.usage
         except BackendError as e:
-            keep = shown if reply["content"] else history
+            keep = [m for m in shown if m is not reply or reply["content"]]
             yield gr.skip(), keep, format_status(self.manager.describe(), note="the last reply failed"), _saved(
                 keep, system_prompt
             )
             raise gr.Error(str(e), print_exception=False) from e
+        finally:
+            events.close()
+        if not reply["content"] and len(shown) > len(history) + 1:
+            shown.remove(reply)  # the reply ended with a tool step and no text after it
         status = format_status(self.manager.describe(), usage)
         yield gr.skip(), shown, status, _saved(shown, system_prompt)
 
@@ -222,7 +269,7 @@ class Handlers:
         except BackendError as e:
             raise gr.Error(str(e), print_exception=False) from e
         gr.Info(f"Loaded {spec.name} in {info.get('load_s', 0):.1f} s.")
-        return [format_status(info), *ui_values(spec.default_params)]
+        return [format_status(info), *ui_values(spec.default_params), self.tools_box()]
 
     @_shown
     def unload_model(self) -> str:

@@ -41,8 +41,10 @@ def build(handlers: Handlers, current_preset: str | None, concurrency: int = 1) 
                     label="System prompt", elem_id="system-prompt", lines=3,
                     placeholder="Optional instructions for the assistant",
                 )
+                # Tools come from the loaded preset; the box lets a user turn them off.
+                use_tools = gr.Checkbox(value=True, elem_id="use-tools", **handlers.tools_label())
                 sampling_preset, sliders = _sampling_panel(handlers, defaults)
-        _wire(demo, handlers, chat, model, system, sampling_preset, sliders, saved, concurrency)
+        _wire(demo, handlers, chat, model, system, sampling_preset, [*sliders, use_tools], saved, concurrency)
     return demo
 
 
@@ -119,20 +121,22 @@ def _sampling_panel(handlers: Handlers, defaults: GenerationParams) -> tuple[gr.
     return preset, sliders
 
 
-def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, sliders, saved, concurrency: int) -> None:
+def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, controls, saved, concurrency: int) -> None:
+    """`controls` is the sampling sliders (PARAM_FIELDS order) and then the "Use tools" box."""
     h = handlers
+    sliders, use_tools = controls[:-1], controls[-1]
     reply_out = [c["input"], c["chatbot"], c["status"], saved]
     reply_opts = dict(concurrency_limit=concurrency, concurrency_id="reply", show_progress="minimal")
-    send_args = dict(fn=h.respond, inputs=[c["input"], c["chatbot"], system, *sliders], outputs=reply_out)
+    send_args = dict(fn=h.respond, inputs=[c["input"], c["chatbot"], system, *controls], outputs=reply_out)
     replies = [
         c["input"].submit(**send_args, api_name="respond", **reply_opts),
         c["send"].click(**send_args, api_visibility="private", **reply_opts),
     ]
-    regen_args = dict(fn=h.regenerate, inputs=[c["chatbot"], system, *sliders], outputs=reply_out)
+    regen_args = dict(fn=h.regenerate, inputs=[c["chatbot"], system, *controls], outputs=reply_out)
     replies += [
         c["regenerate"].click(**regen_args, api_name="regenerate", **reply_opts),
         c["chatbot"].retry(**regen_args, api_visibility="private", **reply_opts),
-        c["chatbot"].edit(h.edit, [c["chatbot"], system, *sliders], reply_out, api_visibility="private",
+        c["chatbot"].edit(h.edit, [c["chatbot"], system, *controls], reply_out, api_visibility="private",
                           **reply_opts),
     ]
     c["stop"].click(None, cancels=replies, api_visibility="private").then(
@@ -149,7 +153,7 @@ def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, sliders, save
     )
     c["import"].upload(h.import_chat, c["import"], [c["chatbot"], system, saved], api_name="import")
     model_opts = dict(concurrency_limit=1, concurrency_id="model")
-    m["load"].click(h.load_model, [m["model"], m["custom"], m["backend"]], [c["status"], *sliders],
+    m["load"].click(h.load_model, [m["model"], m["custom"], m["backend"]], [c["status"], *controls],
                     api_name="load", show_progress_on=c["status"], **model_opts)
     m["unload"].click(h.unload_model, None, c["status"], api_name="unload", **model_opts)
     m["model"].change(lambda choice: "" if choice != CUSTOM else gr.skip(), m["model"], m["custom"],
@@ -160,4 +164,6 @@ def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, sliders, save
     sampling_preset.change(h.apply_sampling_preset, sampling_preset, sliders, api_visibility="private")
     demo.load(h.restore, saved, [c["chatbot"], system], api_visibility="private").then(
         h.status, None, c["status"], api_visibility="private"
-    ).then(h.cached_models, None, m["cached"], api_visibility="private")
+    ).then(h.cached_models, None, m["cached"], api_visibility="private").then(
+        h.tools_box, None, use_tools, api_visibility="private"
+    )
