@@ -29,7 +29,7 @@ from .prompting import StopMatcher
 log = logging.getLogger(__name__)
 
 CALL_START, CALL_END = "<tool_call>", "</tool_call>"
-STEP_PREFIX = "🛠️ "  # how a call is titled in a chat transcript (the UI's collapsible step)
+STEP_PREFIX = "Tool: "  # how a call is titled in a chat transcript (the UI's collapsible step)
 _TAGGED = re.compile(re.escape(CALL_START) + r"(.*?)(?:" + re.escape(CALL_END) + r"|\Z)", re.S)
 _BACKTICKED = re.compile(r"`([A-Za-z_]\w*\(.*?\))`", re.S)
 
@@ -219,7 +219,7 @@ def parse_python_call(text: str) -> ToolCall:
 
 
 def call_from_title(title: str) -> ToolCall | None:
-    """A transcript step's title (`🛠️ name(args)`) back to its call."""
+    """A transcript step's title (`Tool: name(args)`) back to its call."""
     if not title.startswith(STEP_PREFIX):
         return None
     call = parse_python_call(title[len(STEP_PREFIX):])

@@ -259,7 +259,7 @@ def test_steps_round_trip_through_the_chat_and_its_export():
     step = ToolStep(ToolCall("calculator", {"expression": "12*7"}), "84", True, 0.0012)
     history = [{"role": "user", "content": "What is 12*7?"}, {"role": "assistant", "content": "Let me check."},
                step_message(step), {"role": "assistant", "content": "It is 84."}]
-    assert step_message(step)["metadata"]["title"] == "🛠️ calculator(expression='12*7')"
+    assert step_message(step)["metadata"]["title"] == "Tool: calculator(expression='12*7')"
     assert call_from_title(step.title) == step.call
     kept = clean_history(history + [{"role": "assistant", "content": "hmm", "metadata": {"title": "Thinking"}}])
     assert kept == clean_history(history) and kept[2]["metadata"]["title"] == step.title

@@ -2,7 +2,7 @@
 
 Gradio's Chatbot holds messages as dicts whose content may be a list of parts; the model
 layer wants `Message`s. A tool call shows in the chat as an assistant message whose metadata
-title is the call (`🛠️ calculator(expression='12*7')`) and whose content is the result; it goes
+title is the call (`Tool: calculator(expression='12*7')`) and whose content is the result; it goes
 back to the model as the call and a `tool` message. Export and import use the OpenAI messages
 format: a JSON list of {"role", "content"}.
 """
