@@ -1,11 +1,21 @@
 """Confab's Python API: the model interfaces Confab grew from, thin over its backends and manager.
 
-    from confab import ChatModel          # OpenChatKit's inference/bot.py interface
+    from confab import ChatModel                                        # OpenChatKit
+    from confab import ChatHistory, bot_function, BotFunctions          # NanoLLM
 
 Each class loads its model through the same registry and streams through the same
-`ModelManager.stream` as the page, the API and the terminal.
+`ModelManager.stream` as the page, the API and the terminal. "The model" may be a preset name,
+"embedded", a .gguf path, a local folder or a hub id, a `ModelSpec`, or a loaded `ModelManager`.
 """
 
+from backends.base import BackendError, GenerationParams, Message, ModelSpec, ParamError
+from backends.manager import ModelManager
+from backends.tools import Tool, Toolset, ToolStep, tool
+
+from .nanollm import BotFunctions, ChatHistory, bot_function
 from .openchatkit import ChatModel
 
-__all__ = ["ChatModel"]
+__all__ = [
+    "BackendError", "BotFunctions", "ChatHistory", "ChatModel", "GenerationParams", "Message", "ModelManager",
+    "ModelSpec", "ParamError", "Tool", "ToolStep", "Toolset", "bot_function", "tool",
+]

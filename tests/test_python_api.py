@@ -40,3 +40,108 @@ def test_chatmodel_on_transformers_with_openchatkit_arguments(tiny_model_dir):
         assert model.manager.describe()["backend"] == "transformers"
     finally:
         model.close()
+
+
+# ---- NanoLLM: ChatHistory, bot_function, BotFunctions ------------------------------------------
+from backends.base import ParamError  # noqa: E402
+from backends.manager import ModelManager  # noqa: E402
+from backends.tools import load_tools_dir  # noqa: E402
+from confab import BotFunctions, ChatHistory, bot_function  # noqa: E402
+from confab._models import spec_for  # noqa: E402
+from conftest import ROOT  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    """One embedded model shared by the classes below (each also accepts a path or preset)."""
+    manager = ModelManager()
+    manager.load(spec_for("embedded", n_ctx=4096))
+    yield manager
+    manager.unload()
+
+
+def test_chat_history_keeps_the_conversation(embedded):
+    chat = ChatHistory(embedded, system_prompt="You are terse.")
+    chat.append("user", "Hi")
+    chat.append("bot", "Hello!")
+    chat.append(role="user", msg="Bye")
+    assert chat.to_messages() == [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
+                                  {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+    assert len(chat) == 3 and chat[-1] == {"role": "user", "content": "Bye"}
+    assert chat.pop(2) == [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+    session = chat.session_id
+    chat.reset()
+    assert chat.to_messages() == [{"role": "system", "content": "You are terse."}] and chat.session_id != session
+    chat.reset(system_prompt="Be kind.")
+    assert chat.system_prompt == "Be kind."
+    with pytest.raises(ParamError, match="Unknown message role 'wizard'"):
+        chat.append("wizard", "abracadabra")
+    with pytest.raises(ParamError, match="already loaded"):
+        ChatHistory(embedded, chat_template="chatml")
+
+
+def test_chat_history_generates_and_reuses_the_cache_between_turns(embedded):
+    chat = ChatHistory(embedded, system_prompt="Answer in one short sentence.", max_new_tokens=40, do_sample=False)
+    chat.append("user", "What is the capital of France?")
+    reply = chat.generate()
+    assert "Paris" in reply and chat[-1] == {"role": "assistant", "content": reply}
+    first = chat.usage
+    chat.append("user", "And of Italy?")
+    pieces = list(chat.generate(streaming=True))
+    assert len(pieces) > 1 and chat[-1]["content"] == "".join(pieces)
+    # Turn 2 reads only what is new: the whole of turn 1 is served from the engine's cache.
+    assert chat.usage.cached_tokens >= first.prompt_tokens + first.completion_tokens - 2
+
+
+def test_chat_history_on_transformers_reuses_its_session_cache(tiny_model_dir):
+    chat = ChatHistory(str(tiny_model_dir), max_new_tokens=6, do_sample=False)
+    try:
+        chat.append("user", "hello there")
+        chat.generate()
+        assert chat.usage.cached_tokens == 0
+        chat.append("user", "and again")
+        chat.generate()
+        assert chat.usage.cached_tokens > 0
+        assert chat.manager.describe()["backend"] == "transformers"
+    finally:
+        chat.close()
+
+
+def test_stopping_a_streamed_reply_keeps_what_was_said(embedded):
+    chat = ChatHistory(embedded, max_new_tokens=200, do_sample=False)
+    chat.append("user", "Write a long story about a dragon.")
+    stream = chat.generate(streaming=True)
+    said = "".join(next(stream) for _ in range(5))
+    stream.close()
+    assert chat[-1] == {"role": "assistant", "content": said}
+
+
+@bot_function
+def TIME() -> str:
+    """The time now, as H:MM."""
+    return "4:20"
+
+
+def test_bot_functions_docs_and_dispatch():
+    functions = BotFunctions()
+    assert "TIME" in functions.tools and TIME in list(functions)
+    assert "- TIME(): The time now, as H:MM." in functions.generate_docs()
+    [step] = functions.dispatch("It is `TIME()` now.")
+    assert step.ok and step.output == "4:20"
+    [bad] = functions.dispatch('`TIME("now", "please")`')
+    assert not bad.ok and "takes 0 arguments" in bad.output
+
+
+def test_chat_history_runs_bot_functions_the_model_calls(embedded):
+    calc = load_tools_dir(ROOT / "tools")["calculator"]
+    chat = ChatHistory(embedded, system_prompt="You are a helpful assistant with a calculator tool.",
+                       functions=BotFunctions([calc]), max_new_tokens=60, do_sample=False)
+    for q, e, r in [("What is 2+3?", "2+3", "5"), ("What is 10*4?", "10*4", "40")]:
+        call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "%s"}}\n</tool_call>' % e
+        chat.append("user", q), chat.append("bot", call), chat.append("environment", r), chat.append("bot", f"{e} = {r}.")
+    chat.append("user", "What is 12*7?")
+    reply = chat.generate()
+    assert [(s.call.name, s.call.arguments, s.output) for s in chat.steps] == [("calculator", {"expression": "12*7"}, "84")]
+    roles = [m["role"] for m in chat.to_messages()[-4:]]
+    assert roles == ["user", "assistant", "tool", "assistant"] and chat[-2] == {"role": "tool", "content": "84"}
+    assert chat[-1]["content"] == reply and "<tool_call>" not in reply
