@@ -2,6 +2,7 @@
 
     from confab import ChatModel                                        # OpenChatKit
     from confab import ChatHistory, bot_function, BotFunctions          # NanoLLM
+    from confab import BaseLLM                                          # swarm_models
 
 Each class loads its model through the same registry and streams through the same
 `ModelManager.stream` as the page, the API and the terminal. "The model" may be a preset name,
@@ -14,8 +15,9 @@ from backends.tools import Tool, Toolset, ToolStep, tool
 
 from .nanollm import BotFunctions, ChatHistory, bot_function
 from .openchatkit import ChatModel
+from .swarm import BaseLLM
 
 __all__ = [
-    "BackendError", "BotFunctions", "ChatHistory", "ChatModel", "GenerationParams", "Message", "ModelManager",
+    "BackendError", "BaseLLM", "BotFunctions", "ChatHistory", "ChatModel", "GenerationParams", "Message", "ModelManager",
     "ModelSpec", "ParamError", "Tool", "ToolStep", "Toolset", "bot_function", "tool",
 ]

@@ -145,3 +145,88 @@ def test_chat_history_runs_bot_functions_the_model_calls(embedded):
     roles = [m["role"] for m in chat.to_messages()[-4:]]
     assert roles == ["user", "assistant", "tool", "assistant"] and chat[-2] == {"role": "tool", "content": "84"}
     assert chat[-1]["content"] == reply and "<tool_call>" not in reply
+
+
+# ---- swarm_models: BaseLLM --------------------------------------------------------------------------
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+from confab import BaseLLM  # noqa: E402
+
+
+def test_base_llm_runs_and_measures(embedded):
+    llm = BaseLLM(embedded, max_tokens=24, do_sample=False, system_prompt="Answer in one short sentence.")
+    reply = llm("What is the capital of France?")
+    assert "Paris" in reply and llm.run("What is the capital of France?") == reply  # greedy: same answer
+    m = llm.metrics()
+    assert m["time_to_first_token"] > 0 and m["tokens_per_second"] > 0 and m["completion_tokens"] > 1
+    assert m["generation_time"] >= m["time_to_first_token"] and llm.get_generation_time() == m["generation_time"]
+    assert llm.get_num_tokens("hello world") >= 2
+    assert llm.run("Count to ten.", max_tokens=3)  # per-call overrides
+    assert llm.last_usage.completion_tokens == 3
+
+
+def test_base_llm_abatch_run_is_concurrent(embedded, monkeypatch):
+    spans, real_stream = [], embedded.stream
+
+    def timed(*args, **kwargs):
+        start = None
+        for chunk in real_stream(*args, **kwargs):
+            if chunk.text and start is None:
+                start = time.perf_counter()
+            yield chunk
+        spans.append((start, time.perf_counter()))
+
+    monkeypatch.setattr(embedded, "stream", timed)
+    llm = BaseLLM(embedded, max_tokens=32, do_sample=False)
+    tasks = [f"Write a long story about a {animal}." for animal in ("cat", "dog", "owl", "fox")]
+    replies = asyncio.run(llm.abatch_run(tasks))
+    assert len(replies) == 4 and all(replies) and len(set(replies)) == 4
+    # Every reply had produced its first token before any reply ended: they ran together.
+    assert max(s for s, _ in spans) < min(e for _, e in spans)
+    spans.clear()
+    assert llm.batch_run(tasks[:2]) == replies[:2]  # batch_run: one after another, same answers
+    assert spans[0][1] <= spans[1][0]
+
+
+def test_base_llm_chat_keeps_history_and_checkpoints(embedded, tmp_path):
+    llm = BaseLLM(embedded, max_tokens=24, do_sample=False, temperature=0.3)
+    first = llm.chat("My name is Ada. Say hello to me.")
+    llm.chat("What is my name?")
+    assert [m["role"] for m in llm.history] == ["user", "assistant"] * 2 and llm.history[1]["content"] == first
+    assert llm.chat("Say hi.", history=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    assert llm.chat("What did I say?", history="User: I like tea.")
+    assert len(llm.history) == 4  # explicit histories are not added to the object's own
+    path = llm.save_checkpoint(tmp_path / "ckpt")
+    state = json.loads(path.read_text())
+    assert state["settings"]["temperature"] == 0.3 and state["history"] == llm.history
+    other = BaseLLM(embedded)
+    other.load_checkpoint(path)
+    assert other.history == llm.history and other.temperature == 0.3 and other.max_tokens == 24
+    path.write_text('{"settings": {"temperature": -4}, "history": []}')
+    with pytest.raises(ParamError, match="temperature must be 0 or more"):
+        other.load_checkpoint(path)
+    assert other.temperature == 0.3  # a bad checkpoint changes nothing
+    (tmp_path / "junk.json").write_text("not json")
+    with pytest.raises(ParamError, match="not a BaseLLM checkpoint"):
+        other.load_checkpoint(tmp_path / "junk.json")
+
+
+def test_base_llm_logging_resources_and_bad_settings(embedded, tmp_path, caplog):
+    llm = BaseLLM(embedded, max_tokens=8, num_beams=4)
+    assert "num_beams have no effect" in caplog.text
+    llm.enable_logging(tmp_path / "model.log")
+    llm.log_event("starting", "warning")
+    llm.run("Hi")
+    llm.disable_logging()
+    log = (tmp_path / "model.log").read_text()
+    assert "WARNING starting" in log and "INFO generated" in log and "tokens_per_second" in log
+    usage = llm.track_resource_utilization()
+    assert 0 <= usage["cpu_percent"] <= 100 * 64 and usage["process_rss_mb"] > 50 and "gpu_memory_mb" in usage
+    with pytest.raises(ParamError, match="unknown settings wizardry"):
+        BaseLLM(embedded, wizardry=True)
+    with pytest.raises(ParamError, match="top_p must be above 0"):
+        BaseLLM(embedded, top_p=0)
+    with pytest.raises(ParamError, match="event_type must be"):
+        llm.log_event("x", "loud")
