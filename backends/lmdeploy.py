@@ -18,6 +18,7 @@ from .base import BackendError, GenerationParams, Message, ModelSpec, ProgressFn
 from .hub import download
 from .locate import locate
 from .prompting import EngineTemplated
+from .templates import is_source, render_text, resolve
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = (
@@ -98,6 +99,7 @@ class LMDeployBackend(EngineTemplated):
         self.spec: ModelSpec | None = None
         self.n_ctx = 0
         self._messages: Any = None
+        self.template = None
 
     def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> None:
         lmdeploy = _import_engine()
@@ -109,7 +111,11 @@ class LMDeployBackend(EngineTemplated):
             raise BackendError(f"LMDeploy does not load GGUF files; use the llamacpp backend for {spec.model}.")
         path = download(where, progress).path
         config = engine_config(spec, messages)
-        template = lmdeploy.ChatTemplateConfig(model_name=spec.chat_template) if spec.chat_template else None
+        # A Jinja template (inline or a file, e.g. from lagent's meta_template) is rendered here and
+        # sent as a raw prompt; any other name is one of LMDeploy's own templates.
+        local = spec.chat_template and (is_source(spec.chat_template) or spec.chat_template.endswith(".jinja"))
+        self.template = resolve(spec.chat_template) if local else None
+        template = lmdeploy.ChatTemplateConfig(model_name=spec.chat_template) if spec.chat_template and not local else None
         progress and progress(0.3, f"Starting the LMDeploy {type(config).__name__} for {spec.name}")
         try:
             self.pipe = lmdeploy.pipeline(path, backend_config=config, chat_template_config=template,
@@ -131,12 +137,18 @@ class LMDeployBackend(EngineTemplated):
     def _deltas(
         self, messages: list[Message], params: GenerationParams, usage: Usage, session_id: str | None
     ) -> Iterator[tuple[str, int]]:
+        if self.template is not None:
+            params = params.replace(stop=(*params.stop, *self.template.stop))
         gen_config = self._messages.GenerationConfig(**generation_config_kwargs(params))
         session = self.pipe.session()
         finished = False
         try:
-            outputs = self.pipe.stream_infer([m.to_dict() for m in messages], sessions=session,
-                                             gen_config=gen_config)
+            if self.template is None:
+                outputs = self.pipe.stream_infer([m.to_dict() for m in messages], sessions=session,
+                                                 gen_config=gen_config)
+            else:
+                outputs = self.pipe.stream_infer([render_text(self.template, messages)], sessions=session,
+                                                 gen_config=gen_config, do_preprocess=False)
             for out in outputs:
                 usage.prompt_tokens = out.input_token_len or usage.prompt_tokens
                 if out.finish_reason == "error":

@@ -3,7 +3,8 @@ server, Ollama — and servers Confab starts itself (`[server]` in a preset, or 
 
 Streams /v1/chat/completions through the official `openai` client; closing the stream closes
 the HTTP response, which is how these servers learn to abort. The server applies the chat
-template. Knows HTTP and the OpenAI wire format, not Gradio.
+template, unless the preset names one (`chat_template`): then Confab renders the prompt and
+uses /v1/completions. Knows HTTP and the OpenAI wire format, not Gradio.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from . import register
 from .base import BackendError, GenerationParams, Message, ModelSpec, ProgressFn, Usage
 from .prompting import EngineTemplated
 from .server import ManagedServer, free_port
+from .templates import ChatTemplate, render_text, resolve
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class OpenAIBackend(EngineTemplated):
         self.server: ManagedServer | None = None
         self.base_url = ""
         self.model_name = ""
+        self.template: ChatTemplate | None = None  # set: render here, send to /v1/completions
         self.n_ctx = 0
 
     # ---- connecting ----------------------------------------------------------------------
@@ -46,12 +49,14 @@ class OpenAIBackend(EngineTemplated):
         import httpx
 
         self.spec = spec
+        self.template = resolve(spec.chat_template) if spec.chat_template else None
         self.base_url = (spec.base_url or "").rstrip("/")
         command = self.server_command(spec)
         if command:
             port = int(spec.server.get("port") or free_port())
             self.base_url = self.base_url or f"http://127.0.0.1:{port}/v1"
-            command = [str(c).format(port=port, model=spec.model, host="127.0.0.1") for c in command]
+            host = str(spec.server.get("host") or "127.0.0.1")
+            command = [str(c).format(port=port, model=spec.model, host=host) for c in command]
             self.server = ManagedServer(command, self.base_url, float(spec.server.get("ready_timeout", 600)))
             self.server.start(progress)
         if not self.base_url:
@@ -111,7 +116,12 @@ class OpenAIBackend(EngineTemplated):
         if session_id:
             request["user"] = session_id  # lets a server keep per-user stats or caches
         with self._errors():
-            stream = self.client.chat.completions.create(**request)
+            if self.template is None:
+                stream = self.client.chat.completions.create(**request)
+            else:
+                request["prompt"] = render_text(self.template, request.pop("messages"))
+                request["stop"] = list(dict.fromkeys([*(request["stop"] or []), *self.template.stop])) or None
+                stream = self.client.completions.create(**request)
         n, finished = 0, False
         try:
             with self._errors():
@@ -123,7 +133,7 @@ class OpenAIBackend(EngineTemplated):
                         usage.cached_tokens = getattr(details, "cached_tokens", 0) or 0
                     for choice in event.choices or ():
                         finished = finished or bool(choice.finish_reason)
-                        text = choice.delta.content or ""
+                        text = (choice.delta.content if self.template is None else choice.text) or ""
                         if text:
                             n += 1
                             yield text, n
@@ -146,7 +156,7 @@ class OpenAIBackend(EngineTemplated):
         }
         return {
             "model": self.model_name,
-            "messages": [m.to_dict() for m in messages],
+            "messages": messages if self.template else [m.to_dict() for m in messages],
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": params.max_new_tokens,

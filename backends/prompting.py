@@ -10,7 +10,7 @@ import re
 from typing import Any, Callable, Iterable, Iterator
 
 from .base import BackendError, Chunk, Clock, ContextOverflow, GenerationParams, Message, ModelSpec, NotLoaded, Prompt, Usage
-from .templates import Segment
+from .templates import Segment, render_text
 
 Encode = Callable[[str, bool], list[int]]  # (text, parse control tokens?) -> ids
 
@@ -187,8 +187,11 @@ class EngineTemplated:
 
     n_ctx: int = 0
     takes_tools = False  # tools are described in the system prompt (Toolset.prepare)
+    template: Any = None  # a ChatTemplate when Confab renders the prompt for the engine
 
     def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> Prompt:
+        if self.template is not None:
+            return Prompt(render_text(self.template, messages), [], tuple(self.template.stop))
         # The engine owns the template: show what is sent.
         return Prompt("\n".join(f"[{m.role}] {m.content}" for m in messages), [])
 

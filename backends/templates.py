@@ -159,9 +159,12 @@ def names() -> list[str]:
 
 
 def resolve(name_or_path: str, base_dir: Path | None = None) -> ChatTemplate:
-    """A built-in template by name, or a Jinja file (relative paths are taken from base_dir)."""
+    """A built-in template by name, Jinja source itself, or a Jinja file (relative paths are
+    taken from base_dir)."""
     if name_or_path in BUILTIN:
         return BUILTIN[name_or_path]
+    if is_source(name_or_path):
+        return ChatTemplate(name="inline", source=name_or_path)
     path = Path(name_or_path).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
@@ -171,6 +174,11 @@ def resolve(name_or_path: str, base_dir: Path | None = None) -> ChatTemplate:
         f"Unknown chat template {name_or_path!r}: not a built-in one ({', '.join(names())}) "
         f"and no file at {path}."
     )
+
+
+def is_source(text: str) -> bool:
+    """Whether a chat_template setting is Jinja source rather than a name or a path."""
+    return "{{" in text or "{%" in text
 
 
 def _raise(message: str) -> None:

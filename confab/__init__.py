@@ -3,6 +3,7 @@
     from confab import ChatModel                                        # OpenChatKit
     from confab import ChatHistory, bot_function, BotFunctions          # NanoLLM
     from confab import BaseLLM                                          # swarm_models
+    from confab import LMDeployPipeline, LMDeployServer, LMDeployClient  # lagent
 
 Each class loads its model through the same registry and streams through the same
 `ModelManager.stream` as the page, the API and the terminal. "The model" may be a preset name,
@@ -13,11 +14,13 @@ from backends.base import BackendError, GenerationParams, Message, ModelSpec, Pa
 from backends.manager import ModelManager
 from backends.tools import Tool, Toolset, ToolStep, tool
 
+from .lagent import INTERNLM2_META, LMDeployClient, LMDeployPipeline, LMDeployServer, ModelStatusCode, TritonClient
 from .nanollm import BotFunctions, ChatHistory, bot_function
 from .openchatkit import ChatModel
 from .swarm import BaseLLM
 
 __all__ = [
-    "BackendError", "BaseLLM", "BotFunctions", "ChatHistory", "ChatModel", "GenerationParams", "Message", "ModelManager",
-    "ModelSpec", "ParamError", "Tool", "ToolStep", "Toolset", "bot_function", "tool",
+    "INTERNLM2_META", "BackendError", "BaseLLM", "BotFunctions", "ChatHistory", "ChatModel", "GenerationParams",
+    "LMDeployClient", "LMDeployPipeline", "LMDeployServer", "Message", "ModelManager", "ModelSpec", "ModelStatusCode",
+    "ParamError", "Tool", "ToolStep", "Toolset", "TritonClient", "bot_function", "tool",
 ]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import GenerationParams, ModelSpec, ParamError
+from backends.templates import is_source
 
 PRESETS_DIR = Path(__file__).resolve().parent
 DEFAULT_PRESET = "smollm2-llamacpp"
@@ -39,7 +40,7 @@ def parse_model_preset(path: Path) -> ModelSpec:
     except (ParamError, TypeError) as e:
         raise PresetError(f"{path}: {e}") from e
     template = spec.chat_template
-    if template and ("/" in template or template.endswith(".jinja")):
+    if template and not is_source(template) and ("/" in template or template.endswith(".jinja")):
         # Template files are named relative to the preset that uses them.
         spec = ModelSpec.from_dict({**data, "chat_template": str((path.parent / template).resolve())})
     return spec

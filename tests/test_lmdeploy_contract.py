@@ -114,3 +114,13 @@ def test_loading_without_lmdeploy_or_a_gpu_is_one_actionable_line():
     message = str(err.value)
     assert "\n" not in message
     assert message == INSTALL_HINT or "only on a GPU" in message
+
+
+def test_raw_prompts_for_confab_rendered_templates_exist_in_the_pipeline(lmdeploy_site):
+    """A Jinja template (lagent's meta_template) is rendered by Confab and sent with do_preprocess=False."""
+    import ast
+
+    tree = ast.parse((lmdeploy_site / "lmdeploy" / "pipeline.py").read_text())
+    stream_infer = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "stream_infer")
+    args = [a.arg for a in stream_infer.args.args]
+    assert {"prompts", "sessions", "gen_config", "do_preprocess"} <= set(args)
