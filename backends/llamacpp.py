@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any, Iterator
 
 from . import register
@@ -33,6 +34,12 @@ def _import_engine() -> tuple[Any, Any]:
             "(it is in requirements.txt)."
         ) from e
     return llama_cpp, _internals
+
+
+# llama-cpp-python's verbose=False silences llama.cpp by pointing the process's stdout and stderr
+# at /dev/null and back (os.dup2). Two loads at once (two models loaded from two threads) would
+# restore each other's /dev/null and silence the process for good, so they take turns.
+_QUIET_LOCK = threading.Lock()
 
 
 def default_threads() -> int:
@@ -72,18 +79,20 @@ class LlamaCppBackend(LocalEngine):
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = spec.n_gpu_layers
         try:
-            self.model = internals.LlamaModel(path_model=self.path, params=params, verbose=False)
+            with _QUIET_LOCK:
+                self.model = internals.LlamaModel(path_model=self.path, params=params, verbose=False)
         except (ValueError, RuntimeError, OSError) as e:
             raise BackendError(f"llama.cpp could not load {self.path} ({e}). Is it a valid GGUF file?") from e
         self.n_ctx = spec.n_ctx or self.model.n_ctx_train()
         threads = spec.n_threads or default_threads()
         self.max_concurrent = int(options["parallel"])
         try:
-            self.engine = BatchEngine(
-                llama_cpp, internals, self.model, n_ctx=self.n_ctx, slots=self.max_concurrent,
-                kv_cells=int(options["kv_cells"] or 2 * self.n_ctx), n_threads=threads,
-                n_batch=int(options["n_batch"]),
-            )
+            with _QUIET_LOCK:
+                self.engine = BatchEngine(
+                    llama_cpp, internals, self.model, n_ctx=self.n_ctx, slots=self.max_concurrent,
+                    kv_cells=int(options["kv_cells"] or 2 * self.n_ctx), n_threads=threads,
+                    n_batch=int(options["n_batch"]),
+                )
         except (ValueError, RuntimeError) as e:
             self.unload()
             raise BackendError(f"llama.cpp could not set up a context for {self.path} ({e}); lower n_ctx.") from e

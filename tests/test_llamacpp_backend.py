@@ -145,3 +145,25 @@ def test_gguf_path_and_errors(tmp_path):
         create(spec).load(ModelSpec(name="junk", backend="llamacpp", model=str(junk)))
     with pytest.raises(BackendError, match="names no .gguf file"):
         create(spec).load(ModelSpec(name="hub", backend="llamacpp", model="org/model"))
+
+
+def test_two_models_loading_at_once_keep_the_process_output(tmp_path):
+    """llama-cpp-python silences loading by swapping the process's stdout/stderr; two loads at once
+    must not leave them pointing at /dev/null."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = (
+        "import threading\n"
+        "from backends.base import ModelSpec\n"
+        "from backends.manager import ModelManager\n"
+        "def load():\n"
+        "    ModelManager().load(ModelSpec(name='e', backend='llamacpp', model='embedded', n_ctx=512))\n"
+        "threads = [threading.Thread(target=load) for _ in range(4)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "print('still visible')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "still visible" in done.stdout, done.stderr[-2000:]
