@@ -18,6 +18,7 @@ install when used. Knows the manager, not Gradio.
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from enum import IntEnum
 from typing import Any, Iterator
@@ -91,12 +92,14 @@ class _LagentLLM:
         self.do_sample = do_sample
         self._params()  # bad settings fail now
         self._manager = manager
+        self._loading = threading.Lock()
 
     @property
     def manager(self) -> ModelManager:
-        """The model, loaded on first use."""
-        if self._manager is None:
-            self._manager, _ = open_model(self.spec)
+        """The model, loaded on first use (once, even when a batch's threads all ask at once)."""
+        with self._loading:
+            if self._manager is None:
+                self._manager, _ = open_model(self.spec)
         return self._manager
 
     def update_gen_params(self, **kwargs: Any) -> dict[str, Any]:
@@ -125,12 +128,7 @@ class _LagentLLM:
         if not all(isinstance(p, str) for p in prompts):
             raise ParamError("generate() takes a prompt or a list of prompts (text); for messages use chat().")
         params = self._params(**kwargs)
-        conversations = [[Message("user", p)] for p in prompts]
-        if len(conversations) == 1:
-            replies = [self._reply(conversations[0], params)]
-        else:
-            with ThreadPoolExecutor(max_workers=len(conversations)) as pool:
-                replies = list(pool.map(lambda c: self._reply(c, params), conversations))
+        replies = self._batch([[Message("user", p)] for p in prompts], params)
         return replies if batched else replies[0]
 
     def stream_chat(self, inputs: list[dict], **kwargs: Any) -> Iterator[tuple[ModelStatusCode, str, None]]:
@@ -152,13 +150,19 @@ class _LagentLLM:
         """The reply to a conversation (a list of {role, content}), or to each of a batch of them."""
         batched = bool(inputs) and isinstance(inputs[0], list)
         conversations = [self._messages(c) for c in (inputs if batched else [inputs])]
-        params = self._params(**kwargs)
-        with ThreadPoolExecutor(max_workers=max(1, len(conversations))) as pool:
-            replies = list(pool.map(lambda c: self._reply(c, params), conversations))
+        replies = self._batch(conversations, self._params(**kwargs))
         return replies if batched else replies[0]
 
     def _reply(self, messages: list[Message], params: GenerationParams) -> str:
         return "".join(chunk.text for chunk in self.manager.stream(messages, params))
+
+    def _batch(self, conversations: list[list[Message]], params: GenerationParams) -> list[str]:
+        """Replies to several conversations, in flight together so the engine can batch them."""
+        manager = self.manager  # load before the threads start
+        if len(conversations) == 1:
+            return [self._reply(conversations[0], params)]
+        with ThreadPoolExecutor(max_workers=len(conversations)) as pool:
+            return list(pool.map(lambda c: "".join(ch.text for ch in manager.stream(c, params)), conversations))
 
     def _messages(self, inputs: list[dict]) -> list[Message]:
         if not isinstance(inputs, list) or not all(isinstance(m, dict) and "role" in m for m in inputs):
