@@ -272,3 +272,17 @@ def test_steps_round_trip_through_the_chat_and_its_export():
 
     assert system == "Be brief." and titles(back) == titles(kept)
     assert json.loads(export_json(kept, ""))[2]["role"] == "tool"
+
+
+def test_bad_tool_input_gets_a_clear_message(tmp_path):
+    from backends.base import ParamError
+
+    with pytest.raises(ParamError, match="does not follow an assistant message that called a tool"):
+        import_json(json.dumps([{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]))
+    import app
+
+    presets = {"mine": ModelSpec(name="m", backend="llamacpp", model="embedded", tools=("calculator", "weather"))}
+    with pytest.raises(SystemExit, match="Preset 'mine': Unknown tool 'weather'; the tools in .* are: calculator, current_time"):
+        app.load_tools(ROOT / "tools", presets)
+    with pytest.raises(BackendError, match="tools must be a list of tool names"):
+        ModelSpec(name="m", backend="llamacpp", model="embedded", tools="calculator")
