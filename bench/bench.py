@@ -3,8 +3,9 @@
     python bench/bench.py            # a few minutes on 2 cores
     -> bench/results/latest.json, bench/results/latest.png, and a table on stdout
 
-1 overhead     tokens/s a client receives through the Gradio API / the engine called directly
-               (llama-cpp-python), with a plain gr.ChatInterface over the same engine as the peer
+1 overhead     tokens/s a client receives through the Gradio API, and through the OpenAI API, / the
+               engine called directly (llama-cpp-python); a plain gr.ChatInterface over the same
+               engine is the peer
 2 long chat    time to first token at turn 10 / turn 1 of a conversation reaching ~2,000 tokens,
                llama.cpp and transformers, with and without the per-session KV cache
 3 many users   8 concurrent sessions through the Gradio API: errors, p95 TTFT / single-user
@@ -116,6 +117,24 @@ def through_app(url: str, runs: int) -> dict:
         r = gradio_stream(url, STORY)
         rates.append(decode_rate(r["tokens"], r["ttft_s"], r["last_s"]))
     return {"tokens_per_s": statistics.median(rates), "runs": runs}
+
+
+def through_openai_api(url: str) -> float:
+    """Decode tokens/s of one reply streamed from the app's /v1/chat/completions by the openai client."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url + "/v1", api_key="none")
+    start, stamps, text = time.perf_counter(), [], ""
+    stream = client.chat.completions.create(
+        model="smollm2-llamacpp", messages=[{"role": "user", "content": STORY}], stream=True, temperature=0,
+        max_tokens=NEW_TOKENS, extra_body={"repetition_penalty": 1.0})
+    for event in stream:
+        delta = event.choices[0].delta.content if event.choices else None
+        if delta:
+            stamps.append(time.perf_counter() - start)
+            text += delta
+    client.close()
+    return decode_rate(tokens_of(text), stamps[0], stamps[-1])
 
 
 def chat_interface_peer(runs: int) -> dict:
@@ -322,7 +341,7 @@ def physical_limit() -> dict:
 def overhead(runs: int) -> dict:
     """Decode tokens/s, measured in alternating rounds so that a slow moment of the machine hits
     every contender alike: llama-cpp-python's own API, Confab's backend in process, the launched
-    app through its Gradio API, and a plain gr.ChatInterface."""
+    app through its Gradio API and through its OpenAI API, and a plain gr.ChatInterface."""
     from conftest import RunningApp
 
     spec = load_model_presets()["smollm2-llamacpp"]
@@ -330,12 +349,13 @@ def overhead(runs: int) -> dict:
     backend.load(spec)
     params = GenerationParams(do_sample=False, max_new_tokens=NEW_TOKENS, repetition_penalty=1.0)
     app = RunningApp()
-    samples: dict[str, list[float]] = {"engine": [], "backend": [], "app": [], "chatinterface": []}
+    samples: dict[str, list[float]] = {"engine": [], "backend": [], "app": [], "openai": [], "chatinterface": []}
     try:
         for _ in range(runs):
             samples["engine"].append(engine_direct(1)["tokens_per_s"])
             samples["backend"].append(list(backend.stream([Message("user", STORY)], params))[-1].usage.tokens_per_s)
             samples["app"].append(through_app(app.url, 1)["tokens_per_s"])
+            samples["openai"].append(through_openai_api(app.url))
             samples["chatinterface"].append(chat_interface_peer(1)["tokens_per_s"])
         many = many_users(app.url)
     finally:
@@ -345,6 +365,7 @@ def overhead(runs: int) -> dict:
     return {"overhead": {
         "engine_tokens_per_s": round(med["engine"], 1), "backend_tokens_per_s": round(med["backend"], 1),
         "confab_gradio_tokens_per_s": round(med["app"], 1), "chatinterface_tokens_per_s": round(med["chatinterface"], 1),
+        "openai_api_tokens_per_s": round(med["openai"], 1), "openai_ratio": round(med["openai"] / med["engine"], 3),
         "ratio": round(med["app"] / med["engine"], 3), "ratio_to_backend": round(med["app"] / med["backend"], 3),
         "chatinterface_ratio": round(med["chatinterface"] / med["engine"], 3), "samples": samples,
     }, "many_users": many}
@@ -376,6 +397,8 @@ def table(r: dict) -> str:
         ("1 overhead: Gradio API / engine tok/s", f"{o['ratio']:.3f}", ">= 0.95",
          f"{o['confab_gradio_tokens_per_s']} / {o['engine_tokens_per_s']} tok/s (llama-cpp-python); "
          f"/ Confab's backend in process {o['ratio_to_backend']:.3f}; gr.ChatInterface {o['chatinterface_ratio']:.3f}"),
+        ("1 overhead: OpenAI API / engine tok/s", f"{o['openai_ratio']:.3f}", ">= 0.95",
+         f"{o['openai_api_tokens_per_s']} / {o['engine_tokens_per_s']} tok/s, openai client on /v1/chat/completions"),
     ]
     for preset, label in (("smollm2-llamacpp", "llama.cpp"), ("smollm2-transformers", "transformers")):
         on, off = lc[(preset, True)], lc[(preset, False)]
@@ -412,9 +435,11 @@ def chart(r: dict, path: Path) -> None:
     lc = {(x["preset"], x["reuse"]): x for x in r["long_chat"]}
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     o = r["overhead"]
-    axes[0].bar(["llama-cpp-\npython", "Confab\nbackend", "Confab\nGradio API", "gr.Chat-\nInterface"],
+    axes[0].bar(["llama-cpp-\npython", "Confab\nbackend", "Confab\nGradio API", "Confab\nOpenAI API",
+                 "gr.Chat-\nInterface"],
                 [o["engine_tokens_per_s"], o["backend_tokens_per_s"], o["confab_gradio_tokens_per_s"],
-                 o["chatinterface_tokens_per_s"]], color=["#999", "#fdba74", "#f97316", "#60a5fa"])
+                 o["openai_api_tokens_per_s"], o["chatinterface_tokens_per_s"]],
+                color=["#999", "#fdba74", "#f97316", "#ea580c", "#60a5fa"])
     axes[0].set_title("Decode tokens/s a client receives")
     for preset, colour in (("smollm2-llamacpp", "#f97316"), ("smollm2-transformers", "#a855f7")):
         for reuse, style in ((True, "-"), (False, ":")):
