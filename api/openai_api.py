@@ -83,6 +83,11 @@ def to_messages(raw: list[dict[str, Any]]) -> list[Message]:
 def to_params(req: ChatRequest, base: GenerationParams) -> GenerationParams:
     if req.n != 1:
         raise ApiError(400, "Only n=1 is supported: ask again for another answer.", "invalid_request_error", "n")
+    if (req.model_extra or {}).get("tools"):
+        # Answering as if the tools were not there would look like a model that ignores them.
+        raise ApiError(400, "This API does not take client-side tools (tools=) yet. Leave tools out, or switch on "
+                       "server-side tools in the model's preset (tools = [...]) and use the page.",
+                       "invalid_request_error", "tools")
     changes: dict[str, Any] = {
         "max_new_tokens": req.max_completion_tokens or req.max_tokens,
         "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,

@@ -68,6 +68,7 @@ def test_sampling_fields_and_extensions_are_honoured(client):
         ({"n": 2}, 400, "n=1"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
         ({"messages": []}, 400, "at least one"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "client-side tools"),
     ],
 )
 def test_errors_use_openai_shape_and_status(client, kwargs, status, words):
