@@ -16,7 +16,6 @@ from backends.tools import (
     call_from_title,
     load_tools_dir,
     parse_json_call,
-    parse_python_call,
     stream_with_tools,
     tool,
 )
