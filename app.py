@@ -101,10 +101,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def choose_spec(settings: Settings, presets: dict):
     """The model to load at start: --model, else --preset, else the default preset."""
     from backends.base import ModelSpec
+    from backends.locate import guess_backend
     from presets import DEFAULT_PRESET
 
     if settings.model:
-        backend = settings.backend or ("llamacpp" if settings.model.endswith(".gguf") else "transformers")
+        backend = settings.backend or guess_backend(settings.model)
         return None, ModelSpec(name=Path(settings.model).name or settings.model, backend=backend, model=settings.model)
     key = settings.preset or DEFAULT_PRESET
     if key not in presets:

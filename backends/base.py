@@ -258,6 +258,11 @@ class ModelSpec:
         _unknown_keys(cls, data, "model setting")
         return cls(**data)
 
+    def replace(self, **changes: Any) -> "ModelSpec":
+        """A copy with some settings changed (checked like a preset's)."""
+        _unknown_keys(ModelSpec, changes, "model setting")
+        return dataclasses.replace(self, **changes)
+
     @property
     def default_params(self) -> GenerationParams:
         return GenerationParams.from_dict(self.sampling)

@@ -137,18 +137,14 @@ class LMDeployBackend(EngineTemplated):
     def _deltas(
         self, messages: list[Message], params: GenerationParams, usage: Usage, session_id: str | None
     ) -> Iterator[tuple[str, int]]:
-        if self.template is not None:
-            params = params.replace(stop=(*params.stop, *self.template.stop))
         gen_config = self._messages.GenerationConfig(**generation_config_kwargs(params))
         session = self.pipe.session()
         finished = False
         try:
-            if self.template is None:
-                outputs = self.pipe.stream_infer([m.to_dict() for m in messages], sessions=session,
-                                                 gen_config=gen_config)
-            else:
-                outputs = self.pipe.stream_infer([render_text(self.template, messages)], sessions=session,
-                                                 gen_config=gen_config, do_preprocess=False)
+            # One prompt: the conversation, or with a Confab-rendered template the finished text.
+            prompt = [m.to_dict() for m in messages] if self.template is None else render_text(self.template, messages)
+            outputs = self.pipe.stream_infer(prompt, sessions=session, gen_config=gen_config,
+                                             do_preprocess=self.template is None)
             for out in outputs:
                 usage.prompt_tokens = out.input_token_len or usage.prompt_tokens
                 if out.finish_reason == "error":

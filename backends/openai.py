@@ -120,7 +120,6 @@ class OpenAIBackend(EngineTemplated):
                 stream = self.client.chat.completions.create(**request)
             else:
                 request["prompt"] = render_text(self.template, request.pop("messages"))
-                request["stop"] = list(dict.fromkeys([*(request["stop"] or []), *self.template.stop])) or None
                 stream = self.client.completions.create(**request)
         n, finished = 0, False
         try:

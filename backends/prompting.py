@@ -203,6 +203,8 @@ class EngineTemplated:
             raise NotLoaded()
         if self.n_ctx:
             params.check_context(self.n_ctx)
+        if self.template is not None:  # Confab renders the prompt, so its template's stop words apply
+            params = params.replace(stop=(*params.stop, *self.template.stop))
         clock, usage = Clock(), Usage()
         yield from chunks_from_deltas(self._deltas(messages, params, usage, session_id), params, usage, clock)
 

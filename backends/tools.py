@@ -247,9 +247,6 @@ class Toolset:
     def __bool__(self) -> bool:
         return bool(self.tools)
 
-    def __len__(self) -> int:
-        return len(self.tools)
-
     def schemas(self) -> list[dict[str, Any]]:
         return [t.schema() for t in self.tools.values()]
 
@@ -336,18 +333,13 @@ class _CallFilter:
         self.json_like: bool | None = None
 
     def feed(self, delta: str) -> str:
-        if self.json_like is None:
+        if self.json_like is not False:  # still deciding, or holding a JSON-looking reply
             self.head += delta
-            if not self.head.strip():
+            if self.json_like is None and self.head.strip():
+                self.json_like = self.head.lstrip().startswith("{")
+            if self.json_like is not False:
                 return ""
-            self.json_like = self.head.lstrip().startswith("{")
             delta, self.head = self.head, ""
-            if self.json_like:
-                self.head = delta
-                return ""
-        if self.json_like:
-            self.head += delta
-            return ""
         if self.in_call:
             return ""
         out, self.in_call = self.matcher.feed(delta)
@@ -407,7 +399,6 @@ def stream_with_tools(
         steps = [toolset.run(call) for call in calls]
         yield from steps
         messages = [*messages, *transcript_messages(said, steps)]
-
 
 
 def transcript_messages(said: str, steps: list[ToolStep]) -> list[Message]:

@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import ModelSpec, ParamError
+from backends.locate import guess_backend
 from backends.manager import ModelManager
-
-def guess_backend(model: str) -> str:
-    return "llamacpp" if model == "embedded" or model.lower().endswith(".gguf") else "transformers"
 
 
 def spec_for(model: ModelSpec | str, backend: str | None = None, **fields: Any) -> ModelSpec:
@@ -22,13 +20,10 @@ def spec_for(model: ModelSpec | str, backend: str | None = None, **fields: Any) 
     from presets import load_model_presets
 
     if isinstance(model, ModelSpec):
-        return ModelSpec.from_dict({**_as_dict(model), **fields}) if fields else model
+        return model.replace(**fields)
     presets = load_model_presets()
     if model in presets:
-        base = _as_dict(presets[model])
-        if backend:
-            base["backend"] = backend
-        return ModelSpec.from_dict({**base, **fields})
+        return presets[model].replace(**fields, **({"backend": backend} if backend else {}))
     return ModelSpec(name=Path(model).name or model, backend=backend or guess_backend(model), model=model, **fields)
 
 
@@ -47,9 +42,3 @@ def open_model(model: Any, backend: str | None = None, **fields: Any) -> tuple[M
     manager = ModelManager()
     manager.load(spec_for(model, backend, **fields))
     return manager, True
-
-
-def _as_dict(spec: ModelSpec) -> dict[str, Any]:
-    from dataclasses import fields as dc_fields
-
-    return {f.name: getattr(spec, f.name) for f in dc_fields(spec)}

@@ -24,9 +24,10 @@ from enum import IntEnum
 from typing import Any, Iterator
 
 from backends.base import BackendError, GenerationParams, Message, ModelSpec, ParamError
+from backends.locate import guess_backend
 from backends.manager import ModelManager
 
-from ._models import guess_backend, open_model
+from ._models import open_model
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "environment": "tool", "tool": "tool"}
 
@@ -80,7 +81,7 @@ class _LagentLLM:
         self.roles = list(ROLES.values())
         if meta_template:
             source, self.roles = meta_template_source(meta_template)
-            spec = ModelSpec.from_dict({**_fields(spec), "chat_template": source})
+            spec = spec.replace(chat_template=source)
             # The assistant's end marker ends a reply, as the template's own stop word would.
             end = next((str(i.get("end", "")).strip() for i in meta_template if ROLES[i["role"]] == "assistant"), "")
             stop_words = [stop_words] if isinstance(stop_words, str) else list(stop_words or [])
@@ -158,11 +159,11 @@ class _LagentLLM:
 
     def _batch(self, conversations: list[list[Message]], params: GenerationParams) -> list[str]:
         """Replies to several conversations, in flight together so the engine can batch them."""
-        manager = self.manager  # load before the threads start
+        self.manager  # noqa: B018 - load before the threads start, not in each of them
         if len(conversations) == 1:
             return [self._reply(conversations[0], params)]
         with ThreadPoolExecutor(max_workers=len(conversations)) as pool:
-            return list(pool.map(lambda c: "".join(ch.text for ch in manager.stream(c, params)), conversations))
+            return list(pool.map(lambda c: self._reply(c, params), conversations))
 
     def _messages(self, inputs: list[dict]) -> list[Message]:
         if not isinstance(inputs, list) or not all(isinstance(m, dict) and "role" in m for m in inputs):
@@ -180,12 +181,6 @@ class _LagentLLM:
         if self._manager is not None:
             self._manager.unload()
             self._manager = None
-
-
-def _fields(spec: ModelSpec) -> dict[str, Any]:
-    from dataclasses import fields
-
-    return {f.name: getattr(spec, f.name) for f in fields(spec)}
 
 
 def _split_gen(kwargs: dict[str, Any], owner: str) -> dict[str, Any]:

@@ -56,7 +56,7 @@ class ChatHistory:
         `params` are default sampling settings (max_new_tokens, temperature, ...)."""
         self.manager, self._owns_model = open_model(model, chat_template=chat_template)
         self.params = GenerationParams.from_dict(params, base=self.manager.default_params())
-        self.functions = functions if isinstance(functions, Toolset) or functions is None else BotFunctions(functions)
+        self.functions = _toolset(functions)
         self.system_prompt = system_prompt
         self.messages: list[Message] = []
         self.session_id = uuid.uuid4().hex
@@ -121,8 +121,7 @@ class ChatHistory:
         return pieces if streaming else "".join(pieces)
 
     def _stream(self, functions: Any, params: dict[str, Any]) -> Iterator[str]:
-        toolset = functions if isinstance(functions, Toolset) else BotFunctions(functions) if functions else (
-            self.functions or Toolset())
+        toolset = _toolset(functions) or self.functions or Toolset()
         settings = self.params.replace(**params) if params else self.params
         stream = lambda messages, p, **kw: self.manager.stream(messages, p, self.session_id, **kw)  # noqa: E731
         self.steps, reply = [], []
@@ -148,3 +147,10 @@ class ChatHistory:
         """Unload the model if this history loaded it."""
         if self._owns_model:
             self.manager.unload()
+
+
+def _toolset(functions: Toolset | Iterable[Callable] | None) -> Toolset | None:
+    """What `functions=` may be: a Toolset (BotFunctions), some functions, or nothing."""
+    if functions is None or isinstance(functions, Toolset):
+        return functions
+    return BotFunctions(functions)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 from backends.base import GenerationParams, Message, ModelSpec
+from backends.locate import guess_backend
 from backends.manager import ModelManager
 
 
@@ -19,8 +20,7 @@ class ChatModel:
 
     def __init__(self, model_name: str, gpu_id: int = 0, max_memory: dict | None = None,
                  load_in_8bit: bool = False, backend: str | None = None) -> None:
-        gguf = model_name == "embedded" or model_name.lower().endswith(".gguf")
-        backend = backend or ("llamacpp" if gguf else "transformers")
+        backend = backend or guess_backend(model_name)
         self.spec = ModelSpec(
             name=model_name, backend=backend, model=model_name, chat_template="raw",
             gpu_id=gpu_id if backend == "transformers" and _cuda() else None,

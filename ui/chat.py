@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from backends.base import GenerationParams, Message, ParamError, Usage
-from backends.tools import CALL_START, Toolset, ToolStep, call_from_title
+from backends.tools import CALL_START, Toolset, ToolStep, call_from_title, transcript_messages
 
 # The sampling controls, in the order the UI lists them and handlers receive them.
 PARAM_FIELDS = (
@@ -56,8 +56,9 @@ def clean_history(history: list[dict] | None) -> list[dict[str, Any]]:
             continue
         clean = {"role": item["role"], "content": flatten(item.get("content"))}
         if title:
-            clean["metadata"] = {"title": str(title), "status": "done",
-                                 **({"duration": meta["duration"]} if isinstance(meta.get("duration"), (int, float)) else {})}
+            clean["metadata"] = {"title": str(title), "status": "done"}
+            if isinstance(meta.get("duration"), (int, float)):
+                clean["metadata"]["duration"] = meta["duration"]
         out.append(clean)
     return out
 
@@ -69,22 +70,25 @@ def step_message(step: ToolStep) -> dict[str, Any]:
 
 
 def to_messages(history: list[dict[str, Any]], system_prompt: str | None) -> list[Message]:
+    """Chat history -> Messages. A run of tool steps becomes what the model wrote (the assistant
+    text before them and the calls, in one message) and then each result: `transcript_messages`."""
     messages = [Message("system", system_prompt.strip())] if system_prompt and system_prompt.strip() else []
-    for m in history:
-        call = call_from_title(m.get("metadata", {}).get("title", "")) if m.get("metadata") else None
-        if call is None:
-            messages.append(Message(m["role"], m["content"]))
+    said: str | None = None  # assistant text that tool steps may follow
+    steps: list[ToolStep] = []
+    for m in [*history, None]:  # None flushes what is pending
+        call = call_from_title((m.get("metadata") or {}).get("title", "")) if m else None
+        if call is not None:
+            steps.append(ToolStep(call, m["content"], True))
             continue
-        # The call joins the assistant text that led to it (one model turn), then its result.
-        tool_msgs = 0
-        while tool_msgs < len(messages) and messages[-1 - tool_msgs].role == "tool":
-            tool_msgs += 1
-        prev = messages[-1 - tool_msgs] if tool_msgs < len(messages) else None
-        if prev is not None and prev.role == "assistant":
-            messages[-1 - tool_msgs] = Message("assistant", f"{prev.content}\n{call.to_text()}".lstrip("\n"))
-        else:
-            messages.append(Message("assistant", call.to_text()))
-        messages.append(Message("tool", m["content"]))
+        if steps:
+            messages += transcript_messages(said or "", steps)
+        elif said is not None:
+            messages.append(Message("assistant", said))
+        said, steps = None, []
+        if m is not None and m["role"] == "assistant":
+            said = m["content"]
+        elif m is not None:
+            messages.append(Message(m["role"], m["content"]))
     return messages
 
 

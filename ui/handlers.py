@@ -19,6 +19,7 @@ import gradio as gr
 from backends import names as backend_names
 from backends.base import BackendError, GenerationParams, ModelSpec, Usage
 from backends.hub import cached_models
+from backends.locate import guess_backend
 from backends.manager import ModelManager
 from backends.tools import Tool, Toolset, ToolStep, pick, stream_with_tools
 
@@ -306,7 +307,7 @@ def custom_spec(text: str, backend: str | None) -> ModelSpec:
         return ModelSpec(name=url, backend="openai", model="auto",
                          base_url=url if url.endswith("/v1") else url + "/v1")
     if backend in ("openai", None, ""):
-        backend = "llamacpp" if text.lower().endswith(".gguf") else "transformers"
+        backend = guess_backend(text)
     return ModelSpec(name=Path(text).name or text, backend=backend, model=text)
 
 
