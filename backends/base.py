@@ -7,15 +7,27 @@ module knows nothing about Gradio, HTTP or any engine, and imports nothing heavy
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar, Iterator, Protocol
 
 ROLES = ("system", "user", "assistant", "tool")
+MAX_STOP_WORDS, MAX_STOP_CHARS = 16, 1000  # stop words are held back while they may be starting
 
 
 class BackendError(Exception):
-    """A failure a person can act on; its message says what went wrong and what to do."""
+    """A failure a person can act on; its message says what went wrong and what to do.
+
+    `detail` is for the server's operator and log only (an upstream server's address or its
+    error body): visitors on a shared link see the message alone."""
+
+    def __init__(self, message: str = "", detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+    def for_operator(self) -> str:
+        return f"{self} ({self.detail})" if self.detail else str(self)
 
 
 class ParamError(BackendError, ValueError):
@@ -43,9 +55,21 @@ class Message:
             raise ParamError(f"Unknown message role {self.role!r}; use one of {', '.join(ROLES)}.")
         if not isinstance(self.content, str):
             raise ParamError(f"Message content must be text, got {type(self.content).__name__}.")
+        object.__setattr__(self, "content", valid_text(self.content))
 
     def to_dict(self) -> dict[str, str]:
         return {"role": self.role, "content": self.content}
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(text: str) -> str:
+    """Text with any lone UTF-16 surrogate (JSON can carry one; UTF-8 cannot) replaced by U+FFFD,
+    so every tokenizer and every JSON encoder downstream can take it."""
+    if not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _unknown_keys(cls: type, data: dict[str, Any], where: str) -> None:
@@ -101,8 +125,16 @@ class GenerationParams:
             raise ParamError(
                 f"repetition_penalty must be above 0, got {self.repetition_penalty}. Use 1 to turn it off."
             )
-        if self.seed is not None and self.seed < 0:
-            raise ParamError(f"seed must be 0 or more, got {self.seed}. Leave it empty (or -1 in the page) for a random seed.")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ParamError(f"seed must be from 0 to 2**63 - 1, got {self.seed}. Leave it empty (or -1 in the page) "
+                             "for a random seed.")
+        if len(self.stop) > MAX_STOP_WORDS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ParamError(f"Give at most {MAX_STOP_WORDS} stop words of at most {MAX_STOP_CHARS} characters each.")
+
+    @property
+    def seed32(self) -> int | None:
+        """The seed folded to the 32 bits local engines take (an API may send any 64-bit seed)."""
+        return None if self.seed is None else self.seed % 2**32
 
     @property
     def greedy(self) -> bool:
@@ -203,6 +235,7 @@ class Prompt:
     text: str
     token_ids: list[int]
     stop: tuple[str, ...] = ()
+    public_tokens: int = 0  # leading ids that are the template's own text, the same for everyone
 
 
 ProgressFn = Callable[[float, str], None]  # (fraction 0..1, what is happening)

@@ -15,9 +15,9 @@ from typing import Any, Iterator
 from . import register
 from .base import BackendError, GenerationParams, Message, ModelSpec, ProgressFn, Prompt, Usage
 from .hub import download
-from .locate import locate
+from .locate import Location, locate
 from .kvcache import SessionCaches, common_prefix
-from .prompting import LocalEngine, encode_segments, engine_options as _engine_options
+from .prompting import Encode, LocalEngine, encode_segments, engine_options as _engine_options
 from .templates import ChatTemplate, choose, render_segments
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class TransformersBackend(LocalEngine):
         torch, transformers = _import_engine()
         options = _engine_options(spec, self.ENGINE_KEYS)
         self.caches = SessionCaches(int(options["cache_tokens"]), int(options["cache_sessions"]))
-        where = download(locate(spec.model, spec.gguf_file, spec.revision), progress)
+        where = download(self.check(spec), progress)
         placement = self._placement(spec, torch, transformers)
         progress and progress(0.05, f"Loading tokenizer for {spec.name}")
         try:
@@ -82,6 +82,11 @@ class TransformersBackend(LocalEngine):
         self.n_ctx = spec.n_ctx or int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
         self._setup_template(spec)
         progress and progress(1.0, f"Loaded {spec.name}")
+
+    @staticmethod
+    def check(spec: ModelSpec) -> Location:
+        """Where the weights are, checked without loading or downloading anything."""
+        return locate(spec.model, spec.gguf_file, spec.revision)
 
     def _placement(self, spec: ModelSpec, torch: Any, transformers: Any) -> dict[str, Any]:
         """dtype, device_map, max_memory and quantization as from_pretrained takes them."""
@@ -144,20 +149,22 @@ class TransformersBackend(LocalEngine):
             release_memory()
 
     # ---- prompts -------------------------------------------------------------------------
-    def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> Prompt:
+    def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+               encode: Encode | None = None) -> Prompt:
         self._require_loaded()
         segments = render_segments(self.template, messages, **({"tools": tools} if tools else {}))
-        ids = encode_segments(segments, self._encode)
-        return Prompt("".join(s.text for s in segments), ids, self._text_stops)
+        ids, public = encode_segments(segments, encode or self._encode)
+        return Prompt("".join(s.text for s in segments), ids, self._text_stops, public)
 
     def _encode(self, text: str, special: bool) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"]
 
     # ---- generation ----------------------------------------------------------------------
     def _generate(
-        self, ids: list[int], params: GenerationParams, usage: Usage, session_id: str | None
+        self, prompt: Prompt, params: GenerationParams, usage: Usage, session_id: str | None
     ) -> Iterator[tuple[str, int]]:
         torch, transformers = _import_engine()
+        ids = prompt.token_ids
         stop_event = threading.Event()
         counter = _TokenCounter(len(ids), stop_event)
         streamer = transformers.TextIteratorStreamer(
@@ -182,7 +189,7 @@ class TransformersBackend(LocalEngine):
         def work() -> None:
             try:
                 if params.seed is not None:
-                    transformers.set_seed(params.seed)
+                    transformers.set_seed(params.seed32)
                 with torch.inference_mode():
                     self.model.generate(**kwargs)
             except BaseException as e:  # noqa: BLE001 - handed to the consumer, re-raised there

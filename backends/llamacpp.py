@@ -17,8 +17,8 @@ from . import register
 from .base import BackendError, GenerationParams, Message, ModelSpec, ProgressFn, Prompt, Usage
 from .hub import download
 from .llamacpp_engine import BatchEngine, init_backend
-from .locate import locate
-from .prompting import LocalEngine, encode_segments, engine_options
+from .locate import Location, locate
+from .prompting import Encode, LocalEngine, encode_segments, engine_options
 from .templates import ChatTemplate, choose, render_segments
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,7 @@ class LlamaCppBackend(LocalEngine):
     def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> None:
         llama_cpp, internals = _import_engine()
         options = engine_options(spec, self.ENGINE_KEYS)
-        where = locate(spec.model, spec.gguf_file, spec.revision)
-        if not where.gguf_file:
-            raise BackendError(
-                f"{spec.model} names no .gguf file; the llama.cpp backend needs one: a local path, "
-                "or a hub repo and file such as org/name-GGUF/model.Q4_K_M.gguf."
-            )
-        where = download(where, progress, weights="gguf")
+        where = download(self.check(spec), progress, weights="gguf")
         self.path = os.path.join(where.path, where.gguf_file)
         progress and progress(0.1, f"Loading {os.path.basename(self.path)}")
         init_backend(llama_cpp)
@@ -100,6 +94,16 @@ class LlamaCppBackend(LocalEngine):
         self._setup_template(spec)
         progress and progress(1.0, f"Loaded {spec.name}")
 
+    def check(self, spec: ModelSpec) -> Location:
+        """Where the weights are, checked without loading or downloading anything."""
+        where = locate(spec.model, spec.gguf_file, spec.revision)
+        if not where.gguf_file:
+            raise BackendError(
+                f"{spec.model} names no .gguf file; the llama.cpp backend needs one: a local path, "
+                "or a hub repo and file such as org/name-GGUF/model.Q4_K_M.gguf."
+            )
+        return where
+
     def _setup_template(self, spec: ModelSpec) -> None:
         meta = self.model.metadata()
         bos_id, eos_id = self.model.token_bos(), self.model.token_eos()
@@ -116,14 +120,16 @@ class LlamaCppBackend(LocalEngine):
             self.model.close()
         self.engine = self.model = None
 
-    def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> Prompt:
+    def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+               encode: Encode | None = None) -> Prompt:
         self._require_loaded()
         segments = render_segments(self.template, messages, **({"tools": tools} if tools else {}))
-        ids = encode_segments(segments, self._encode)
+        ids, public = encode_segments(segments, encode or self._encode)
         bos = self.model.token_bos()
         if self._add_bos and bos >= 0 and ids[:1] != [bos]:
             ids.insert(0, bos)
-        return Prompt("".join(s.text for s in segments), ids, self._stops)
+            public += 1
+        return Prompt("".join(s.text for s in segments), ids, self._stops, public)
 
     def _encode(self, text: str, special: bool) -> list[int]:
         return self.model.tokenize(text.encode("utf-8"), add_bos=False, special=special)
@@ -132,10 +138,11 @@ class LlamaCppBackend(LocalEngine):
         return self.engine is not None
 
     def _generate(
-        self, ids: list[int], params: GenerationParams, usage: Usage, session_id: str | None
+        self, prompt: Prompt, params: GenerationParams, usage: Usage, session_id: str | None
     ) -> Iterator[tuple[str, int]]:
-        # No session key needed: the engine finds a conversation's cache by its token prefix.
-        request = self.engine.submit(ids, params)
+        # The engine finds a conversation's cache by its token prefix, among the slots of the same
+        # owner; other owners' slots lend only the template's opening (prompt.public_tokens).
+        request = self.engine.submit(prompt.token_ids, params, owner=session_id, public=prompt.public_tokens)
         try:
             while True:
                 kind, *data = request.out.get()

@@ -9,6 +9,11 @@ cache. A new reply takes the idle slot whose tokens share the longest prefix wit
 decodes one token for each slot that is generating, plus a chunk of any prompt being read.
 Idle slots keep their KV cache until it is needed (least recently used first).
 
+Cached tokens never cross from one owner (a conversation, a login, an API key) to another,
+except a prompt's public opening (the chat template's own text, before any message content),
+in the spirit of vLLM's per-request `cache_salt`: otherwise the time to first token, or the
+cached-token count, would tell one user whether another's conversation begins with a guess.
+
 Consumers talk to it through `Request`: text pieces arrive on `request.out`; `cancel()` frees
 the slot within one step. This module knows llama.cpp, not prompts, templates or Gradio.
 """
@@ -47,9 +52,11 @@ def init_backend(llama_cpp: Any) -> None:
 class Request:
     ids: list[int]
     params: GenerationParams
+    owner: str | None = None  # whose conversation: cached tokens are reused only within it
+    public: int = 0  # leading ids anyone's cache may lend (the template's opening)
     out: "queue.Queue[tuple]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    cached: int = 0  # prompt tokens found in the KV cache, set on admission
+    cached: int = 0  # prompt tokens reused from this owner's own cache, set on admission
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -59,6 +66,7 @@ class Request:
 class Slot:
     seq: int
     ids: list[int] = field(default_factory=list)  # exactly the tokens in this sequence's KV cache
+    owner: str | None = None  # the owner of the conversation whose tokens these are
     request: Request | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not read yet
     next_token: int | None = None  # sampled, not yet in the KV cache
@@ -93,8 +101,8 @@ class BatchEngine:
         self.thread.start()
 
     # ---- the consumer side ---------------------------------------------------------------
-    def submit(self, ids: list[int], params: GenerationParams) -> Request:
-        request = Request(list(ids), params)
+    def submit(self, ids: list[int], params: GenerationParams, owner: str | None = None, public: int = 0) -> Request:
+        request = Request(list(ids), params, owner, max(0, min(public, len(ids))))
         self.inbox.put(request)
         return request
 
@@ -135,32 +143,42 @@ class BatchEngine:
             pass
         self.waiting = [r for r in self.waiting if not r.cancelled.is_set()]
         while self.waiting:
-            slot = self._pick_slot(self.waiting[0].ids)
+            slot = self._pick_slot(self.waiting[0])
             if slot is None:
                 return
             self._start(slot, self.waiting.pop(0))
 
-    def _pick_slot(self, ids: list[int]) -> Slot | None:
+    @staticmethod
+    def _reusable(slot: Slot, request: Request) -> int:
+        """How many of the request's leading tokens this slot's cache may give it."""
+        shared = common_prefix(slot.ids, request.ids)
+        return shared if slot.owner == request.owner else min(shared, request.public)
+
+    def _pick_slot(self, request: Request) -> Slot | None:
         idle = [s for s in self.slots if s.request is None]
         if not idle:
             return None
-        # Longest shared prefix first (this conversation's own slot), then least recently used.
-        return max(idle, key=lambda s: (common_prefix(s.ids, ids), -s.last_used))
+        # Longest reusable prefix first (this conversation's own slot), then least recently used.
+        return max(idle, key=lambda s: (self._reusable(s, request), -s.last_used))
 
     def _start(self, slot: Slot, request: Request) -> None:
         limit = len(request.ids) - 1  # at least one prompt token is read, to get fresh logits
-        keep = min(common_prefix(slot.ids, request.ids), limit)
+        keep = min(self._reusable(slot, request), limit)
+        own = keep if slot.owner == request.owner else 0
         self._truncate(slot, keep)
-        donor = max(self.slots, key=lambda s: common_prefix(s.ids, request.ids))
-        shared = min(common_prefix(donor.ids, request.ids), limit)
+        donor = max(self.slots, key=lambda s: self._reusable(s, request))
+        shared = min(self._reusable(donor, request), limit)
         if shared > keep:
-            # Another conversation holds a longer prefix (the same system prompt, say): share its
-            # cells instead of computing them again. The unified cache lets cells belong to many sequences.
+            # Another slot holds a longer prefix (this owner's other conversation, or the template's
+            # opening): share its cells instead of computing them again. The unified cache lets
+            # cells belong to many sequences.
             self.llama_cpp.llama_memory_seq_rm(self.ctx.memory, slot.seq, -1, -1)
             self.llama_cpp.llama_memory_seq_cp(self.ctx.memory, donor.seq, slot.seq, 0, shared)
             slot.ids[:] = request.ids[:shared]
             keep = shared
-        request.cached = keep
+            own = shared if donor.owner == request.owner else own
+        request.cached = own  # what a caller is told counts only its own reuse
+        slot.owner = request.owner
         slot.request, slot.pending, slot.generated, slot.next_token = request, request.ids[keep:], 0, None
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         if slot.sampler is not None:
@@ -168,7 +186,7 @@ class BatchEngine:
         slot.sampler = self._sampler(request.params)
         for token in request.ids[-PENALTY_LAST_N:]:
             slot.sampler.accept(token)  # the repetition penalty sees the end of the prompt too
-        request.out.put(("start", keep))
+        request.out.put(("start", request.cached))
 
     def _truncate(self, slot: Slot, keep: int) -> None:
         if keep < len(slot.ids):
@@ -190,7 +208,7 @@ class BatchEngine:
             s.add_top_p(params.top_p, 1)
             s.add_min_p(params.min_p, 1)
             s.add_temp(params.temperature)
-            s.add_dist(params.seed if params.seed is not None else random.getrandbits(32))
+            s.add_dist(params.seed32 if params.seed is not None else random.getrandbits(32))
         return s
 
     def _drop_cancelled(self) -> None:

@@ -3,8 +3,10 @@
 Everything above (UI, API, terminal) calls `ModelManager.stream`; nothing else talks to a
 backend. As many replies run at once as the engine can batch (`backend.max_concurrent`:
 8 for llama.cpp, 1 for transformers on a CPU, capped by --concurrency); the rest wait in a
-first-come line and are told their place. A load waits for the replies in flight, then swaps
-the model. Knows nothing of Gradio or HTTP.
+first-come line and are told their place. A conversation is fitted to the context before it
+takes its place, so a long chat never holds an engine slot while it is measured. A load waits
+for the replies in flight, then swaps the model; a load that fails puts the previous model
+back. Knows nothing of Gradio or HTTP, nor who asked: callers check that.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from . import create
-from .base import BackendError, Backend, Chunk, GenerationParams, Message, ModelSpec, NotLoaded, ProgressFn, Prompt
+from .base import (BackendError, Backend, Chunk, GenerationParams, Message, ModelSpec, NotLoaded, ParamError,
+                   ProgressFn, Prompt)
 
 log = logging.getLogger(__name__)
 
@@ -33,26 +36,50 @@ class ModelManager:
         self._backend: Backend | None = None
         self.spec: ModelSpec | None = None
         self.load_seconds: float | None = None
+        self.version = 0  # goes up whenever the loaded model changes, so pages can notice
 
     # ---- model lifecycle -----------------------------------------------------------------
     def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> dict[str, Any]:
+        """Swap in `spec`. If it fails, the model that was loaded is loaded again and the error
+        says so: a failed load never leaves the server without a model."""
         backend = create(spec)  # unknown backend names fail here, before anything is unloaded
+        check = getattr(backend, "check", None)
+        if check is not None:
+            check(spec)  # a missing file or a malformed name fails here too
         with self._swap, self._exclusive():
+            previous = self.spec
             self._unload_locked()
-            start = time.perf_counter()
             try:
-                backend.load(spec, progress)
-            except BackendError:
-                raise
-            except ImportError as e:
-                raise BackendError(f"{spec.backend} needs a package that is not installed: {e}") from e
-            except Exception as e:  # noqa: BLE001 - a load failure must not take the server down
-                log.exception("loading %s failed", spec.name)
-                raise BackendError(f"Could not load {spec.name}: {type(e).__name__}: {e}") from e
-            self.load_seconds = time.perf_counter() - start
-            self._backend, self.spec = backend, spec
-            log.info("loaded %s with %s in %.2f s", spec.name, spec.backend, self.load_seconds)
+                self._load_locked(backend, spec, progress)
+            except BackendError as e:
+                if previous is None:
+                    raise
+                raise self._restore(previous, e) from e
         return self.describe()
+
+    def _load_locked(self, backend: Backend, spec: ModelSpec, progress: ProgressFn | None) -> None:
+        start = time.perf_counter()
+        try:
+            backend.load(spec, progress)
+        except BackendError:
+            raise
+        except ImportError as e:
+            raise BackendError(f"{spec.backend} needs a package that is not installed: {e}") from e
+        except Exception as e:  # noqa: BLE001 - a load failure must not take the server down
+            log.exception("loading %s failed", spec.name)
+            raise BackendError(f"Could not load {spec.name}: {type(e).__name__}: {e}") from e
+        self.load_seconds = time.perf_counter() - start
+        self._backend, self.spec = backend, spec
+        self.version += 1
+        log.info("loaded %s with %s in %.2f s", spec.name, spec.backend, self.load_seconds)
+
+    def _restore(self, previous: ModelSpec, error: BackendError) -> BackendError:
+        log.warning("loading failed (%s); loading %s again", error, previous.name)
+        try:
+            self._load_locked(create(previous), previous, None)
+        except BackendError as again:
+            return BackendError(f"{error} Loading {previous.name} again failed too ({again}); no model is loaded.")
+        return BackendError(f"{error} {previous.name} is still loaded.")
 
     def unload(self) -> None:
         with self._swap, self._exclusive():
@@ -75,6 +102,7 @@ class ModelManager:
         if self._backend is not None:
             log.info("unloading %s", self.spec.name if self.spec else "?")
             backend, self._backend, self.spec = self._backend, None, None
+            self.version += 1
             backend.unload()
 
     @property
@@ -113,10 +141,14 @@ class ModelManager:
     ) -> Iterator[Chunk]:
         """Stream a reply. Closing the iterator stops the engine and frees it for the next one.
 
-        While the engine is full, yields Chunk(waiting=n): n replies are ahead of this one.
+        `session_id` names whose conversation this is (a page session, a login, an API key):
+        engines reuse cached tokens only within it. While the engine is full, yields
+        Chunk(waiting=n): n replies are ahead of this one.
         """
         if not messages or messages[-1].role not in ("user", "tool"):
-            raise BackendError("There is nothing to answer: the conversation must end with a user message.")
+            raise ParamError("There is nothing to answer: the conversation must end with a user message.")
+        backend = self._require()
+        job = self._prepare(backend, messages, params, tools)  # before the line: it holds no slot
         ticket = object()
         with self._cond:
             self._line.append(ticket)
@@ -134,8 +166,13 @@ class ModelManager:
                     yield Chunk(waiting=max(ahead, 1))
                 with self._cond:
                     self._cond.wait(0.5)
-            backend = self._require()
-            yield from backend.stream(messages, params, session_id, **({"tools": tools} if tools else {}))
+            if self._backend is not backend:  # the model changed while this reply waited
+                backend = self._require()
+                job = self._prepare(backend, messages, params, tools)
+            if job is None:
+                yield from backend.stream(messages, params, session_id, **({"tools": tools} if tools else {}))
+            else:
+                yield from backend.run(job, session_id)
         finally:
             with self._cond:
                 if admitted:
@@ -143,6 +180,13 @@ class ModelManager:
                 elif ticket in self._line:
                     self._line.remove(ticket)
                 self._cond.notify_all()
+
+    @staticmethod
+    def _prepare(backend: Backend, messages: list[Message], params: GenerationParams,
+                 tools: list[dict[str, Any]] | None) -> Any:
+        """Fit and render the conversation, where the backend can do that apart from generating."""
+        prepare = getattr(backend, "prepare", None)
+        return prepare(messages, params, tools) if prepare is not None else None
 
     def _try_admit(self, ticket: object) -> bool:
         if self._swapping or self._line[0] is not ticket or self._active >= self.capacity():

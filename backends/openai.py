@@ -112,9 +112,9 @@ class OpenAIBackend(EngineTemplated):
     def _deltas(
         self, messages: list[Message], params: GenerationParams, usage: Usage, session_id: str | None
     ) -> Iterator[tuple[str, int]]:
+        # No `user` field: session ids must stay secret (Gradio's queue is keyed by them), and the
+        # server would gain nothing from them that Confab could vouch for.
         request = self._request(messages, params)
-        if session_id:
-            request["user"] = session_id  # lets a server keep per-user stats or caches
         with self._errors():
             if self.template is None:
                 stream = self.client.chat.completions.create(**request)
@@ -126,10 +126,10 @@ class OpenAIBackend(EngineTemplated):
             with self._errors():
                 for event in stream:
                     if event.usage:
+                        # The server's cached-token count is left out: its prefix cache is shared by
+                        # every user, so the count could tell one user about another's prompts.
                         usage.prompt_tokens = event.usage.prompt_tokens or 0
                         n = event.usage.completion_tokens or n
-                        details = getattr(event.usage, "prompt_tokens_details", None)
-                        usage.cached_tokens = getattr(details, "cached_tokens", 0) or 0
                     for choice in event.choices or ():
                         finished = finished or bool(choice.finish_reason)
                         text = (choice.delta.content if self.template is None else choice.text) or ""
@@ -138,8 +138,9 @@ class OpenAIBackend(EngineTemplated):
                             yield text, n
             if not finished:
                 raise BackendError(
-                    f"The engine at {self.base_url} ended the reply without finishing it; it probably failed "
-                    "(see its log). A conversation longer than its context does this: clear or shorten the chat."
+                    "The model server ended the reply without finishing it; it probably failed. A conversation "
+                    "longer than its context does this: clear or shorten the chat.",
+                    detail=f"{self.base_url}: see the engine's log",
                 )
             yield "", n  # the server's own count, from its usage report, when it sent one
         finally:
@@ -192,23 +193,25 @@ class _OpenAIErrors:
         if error is None or isinstance(error, (BackendError, GeneratorExit)):
             return False
         openai = _import_client()
-        # Most specific first: AuthenticationError and NotFoundError are APIStatusErrors too.
+        # Most specific first: AuthenticationError and NotFoundError are APIStatusErrors too. What a
+        # person chatting sees names no address and no upstream body; the operator gets both.
         url = self.url
+        status = getattr(error, "status_code", "?")
         advice = [
-            (openai.APITimeoutError, f"The engine at {url} did not answer within {self.timeout:.0f} s. It may be "
-                                     "busy or stuck; try again, or raise timeout_s in the preset."),
-            (openai.APIConnectionError, f"Cannot reach the engine at {url}. Is the server running, and is the "
-                                        "address right?"),
-            (openai.AuthenticationError, f"The engine at {url} refused the API key (401). Set api_key in the preset "
-                                         "or OPENAI_API_KEY."),
-            (openai.NotFoundError, f"The engine at {url} answered 404 for model {self.model!r}: the model name or "
-                                   "the URL is wrong (the URL usually ends in /v1)."),
-            (openai.APIStatusError, f"The engine at {url} refused the request "
-                                    f"({getattr(error, 'status_code', '?')}): {_detail(error)}"),
+            (openai.APITimeoutError, f"The model server did not answer within {self.timeout:.0f} s. It may be busy "
+                                     "or stuck; try again.", f"{url}; raise timeout_s in the preset to wait longer"),
+            (openai.APIConnectionError, "Cannot reach the model server. Try again in a moment.",
+             f"{url}: is the server running, and is the address right?"),
+            (openai.AuthenticationError, "The model server refused Confab's API key (401).",
+             f"{url}: set api_key in the preset or OPENAI_API_KEY"),
+            (openai.NotFoundError, f"The model server answered 404 for model {self.model!r}.",
+             f"{url}: the model name or the URL is wrong (the URL usually ends in /v1)"),
+            (openai.APIStatusError, f"The model server refused the request ({status}).", f"{url}: {_detail(error)}"),
         ]
-        for kind, text in advice:
+        for kind, text, detail in advice:
             if isinstance(error, kind):
-                raise BackendError(text) from error
+                log.warning("remote engine error: %s (%s)", text, detail)
+                raise BackendError(text, detail=detail) from error
         return False
 
 

@@ -7,6 +7,7 @@ module turns them into token ids and `Chunk`s. It knows no engine and no UI.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from .base import BackendError, Chunk, Clock, ContextOverflow, GenerationParams, Message, ModelSpec, NotLoaded, Prompt, Usage
@@ -15,12 +16,33 @@ from .templates import Segment, render_text
 Encode = Callable[[str, bool], list[int]]  # (text, parse control tokens?) -> ids
 
 
-def encode_segments(segments: Iterable[Segment], encode: Encode) -> list[int]:
-    """Template text may hold control tokens; message content never does."""
+def encode_segments(segments: Iterable[Segment], encode: Encode) -> tuple[list[int], int]:
+    """Template text may hold control tokens; message content never does.
+
+    Returns the ids and how many of them come before the first message content: that opening
+    is the template's own text, the same for every user, so it is the only part of a prompt
+    an engine may share between conversations (see llamacpp_engine)."""
     ids: list[int] = []
+    public: int | None = None
     for seg in segments:
+        if seg.is_content and public is None:
+            public = len(ids)
         ids.extend(encode(seg.text, not seg.is_content))
-    return ids
+    return ids, len(ids) if public is None else public
+
+
+def memoized(encode: Encode) -> Encode:
+    """`encode` that tokenizes each distinct piece of text once (fitting a long chat renders it
+    several times)."""
+    seen: dict[tuple[str, bool], list[int]] = {}
+
+    def cached(text: str, special: bool) -> list[int]:
+        key = (text, special)
+        if key not in seen:
+            seen[key] = encode(text, special)
+        return seen[key]
+
+    return cached
 
 
 def fit_context(
@@ -29,29 +51,46 @@ def fit_context(
     """Render, dropping the oldest turns (never the system prompt or the last message) to fit.
 
     Returns the prompt and how many messages were left out. Raises a readable error when even
-    the last message does not fit.
+    the last message does not fit. The cut is found by bisection over the places a
+    conversation may start (a whole user/assistant exchange is dropped at a time, so roles keep
+    alternating): O(log n) renders, not one per dropped exchange. With a `memoized` encoder
+    each message is tokenized once, so a long chat costs about one pass.
     """
     params.check_context(n_ctx)
     budget = n_ctx - params.max_new_tokens
     system = [m for m in messages[:1] if m.role == "system"]
     rest = messages[len(system) :]
-    dropped = 0
-    while True:
-        prompt = render(system + rest)
-        if len(prompt.token_ids) <= budget:
-            return prompt, dropped
-        if len(rest) <= 1:
-            break
-        # Drop a whole user/assistant exchange at a time so roles keep alternating.
-        step = 2 if len(rest) > 2 and rest[0].role == "user" and rest[1].role == "assistant" else 1
-        rest = rest[step:]
-        dropped += step
+    prompt = render(system + rest)
+    if len(prompt.token_ids) <= budget:
+        return prompt, 0
+    starts = _cut_points(rest)
+    lo, hi, best = 1, len(starts) - 1, None  # starts[hi] keeps only the last message
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        candidate = render(system + rest[starts[mid] :])
+        if len(candidate.token_ids) <= budget:
+            best, hi = (candidate, starts[mid]), mid - 1
+        else:
+            lo, prompt = mid + 1, candidate
+    if best is not None:
+        return best
+    # Nothing fitted, so the last render tried was the shortest: the last message alone.
     raise ContextOverflow(
         f"The last message and the reply do not fit the model's context: the prompt is "
         f"{len(prompt.token_ids)} tokens, max_new_tokens is {params.max_new_tokens}, and the context "
         f"holds {n_ctx}. Shorten the message or the system prompt, lower max_new_tokens, or load the "
         f"model with a larger context."
     )
+
+
+def _cut_points(rest: list[Message]) -> list[int]:
+    """Where a fitted conversation may begin: 0, then after each dropped exchange (a user message
+    and its reply together, else one message), down to the last message alone."""
+    starts, i = [0], 0
+    while len(rest) - i > 1:
+        i += 2 if len(rest) - i > 2 and rest[i].role == "user" and rest[i + 1].role == "assistant" else 1
+        starts.append(i)
+    return starts
 
 
 class StopMatcher:
@@ -125,11 +164,23 @@ def chunks_from_deltas(
     yield Chunk("", finish_reason=finish, usage=clock.fill(usage))
 
 
+@dataclass(frozen=True)
+class Job:
+    """A reply ready to run: the conversation fitted to the context (and rendered, for engines
+    that take token ids), before it takes an engine slot."""
+
+    messages: list[Message]
+    params: GenerationParams
+    prompt: Prompt | None = None  # None: the engine applies the chat template itself
+    dropped: int = 0
+
+
 class LocalEngine:
     """The reply loop shared by backends that render the prompt and decode token ids here.
 
-    Subclasses provide `render`, `_generate(ids, params, usage, session_id) -> Iterator[(delta, n)]`
-    (which may fill usage.cached_tokens), `n_ctx`, and `_loaded()`.
+    Subclasses provide `render(messages, tools, encode)`, `_generate(prompt, params, usage,
+    session_id) -> Iterator[(delta, n)]` (which may fill usage.cached_tokens), `n_ctx`, and
+    `_loaded()`. `prepare` fits and renders (no engine needed); `run` generates.
     """
 
     n_ctx: int = 0
@@ -141,27 +192,43 @@ class LocalEngine:
         """Whether the chat template describes tools itself (renders a `tools=` list)."""
         return self.template is not None and re.search(r"\btools\b", self.template.source) is not None
 
+    def prepare(
+        self, messages: list[Message], params: GenerationParams, tools: list[dict[str, Any]] | None = None
+    ) -> Job:
+        self._require_loaded()
+        encode = memoized(self._encode)
+        prompt, dropped = fit_context(lambda m: self.render(m, tools=tools, encode=encode), messages, params, self.n_ctx)
+        return Job(messages, params, prompt, dropped)
+
+    def run(self, job: Job, session_id: str | None = None) -> Iterator[Chunk]:
+        """Generate a prepared reply. `session_id` names whose conversation this is: an engine
+        reuses cached tokens only within it (and the template's opening across all)."""
+        self._require_loaded()
+        clock = Clock()
+        usage = Usage(prompt_tokens=len(job.prompt.token_ids), dropped_messages=job.dropped)
+        deltas = self._generate(job.prompt, job.params, usage, session_id)
+        yield from chunks_from_deltas(deltas, job.params, usage, clock, stop=job.prompt.stop)
+
     def stream(
         self, messages: list[Message], params: GenerationParams, session_id: str | None = None,
         tools: list[dict[str, Any]] | None = None,
     ) -> Iterator[Chunk]:
-        self._require_loaded()
-        clock = Clock()
-        prompt, dropped = fit_context(lambda m: self.render(m, tools=tools), messages, params, self.n_ctx)
-        usage = Usage(prompt_tokens=len(prompt.token_ids), dropped_messages=dropped)
-        deltas = self._generate(prompt.token_ids, params, usage, session_id)
-        yield from chunks_from_deltas(deltas, params, usage, clock, stop=prompt.stop)
+        yield from self.run(self.prepare(messages, params, tools), session_id)
 
     def _require_loaded(self) -> None:
         if not self._loaded():
             raise NotLoaded()
 
     # Provided by the engine-specific subclass.
-    def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> Prompt:  # pragma: no cover
+    def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+               encode: Encode | None = None) -> Prompt:  # pragma: no cover
+        raise NotImplementedError
+
+    def _encode(self, text: str, special: bool) -> list[int]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _generate(
-        self, ids: list[int], params: GenerationParams, usage: Usage, session_id: str | None
+        self, prompt: Prompt, params: GenerationParams, usage: Usage, session_id: str | None
     ) -> Iterator[tuple[str, int]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -195,18 +262,29 @@ class EngineTemplated:
         # The engine owns the template: show what is sent.
         return Prompt("\n".join(f"[{m.role}] {m.content}" for m in messages), [])
 
-    def stream(
-        self, messages: list[Message], params: GenerationParams, session_id: str | None = None,
-        tools: list[dict[str, Any]] | None = None,
-    ) -> Iterator[Chunk]:
+    def prepare(
+        self, messages: list[Message], params: GenerationParams, tools: list[dict[str, Any]] | None = None
+    ) -> Job:
         if not self._loaded():
             raise NotLoaded()
         if self.n_ctx:
             params.check_context(self.n_ctx)
         if self.template is not None:  # Confab renders the prompt, so its template's stop words apply
             params = params.replace(stop=(*params.stop, *self.template.stop))
+        return Job(messages, params)
+
+    def run(self, job: Job, session_id: str | None = None) -> Iterator[Chunk]:
+        if not self._loaded():
+            raise NotLoaded()
         clock, usage = Clock(), Usage()
-        yield from chunks_from_deltas(self._deltas(messages, params, usage, session_id), params, usage, clock)
+        yield from chunks_from_deltas(self._deltas(job.messages, job.params, usage, session_id), job.params,
+                                      usage, clock)
+
+    def stream(
+        self, messages: list[Message], params: GenerationParams, session_id: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Iterator[Chunk]:
+        yield from self.run(self.prepare(messages, params, tools), session_id)
 
     def _loaded(self) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError

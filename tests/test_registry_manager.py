@@ -72,12 +72,31 @@ def test_closing_the_stream_stops_the_engine_and_frees_the_manager():
     assert m._active == 0 and not m._line
 
 
-def test_failed_load_leaves_no_model_and_a_readable_error():
+def test_failed_load_puts_the_previous_model_back_and_says_so():
     m = ModelManager()
     m.load(FAKE)
+    version = m.version
+    with pytest.raises(BackendError, match=f"fake load failure.*{FAKE.name} is still loaded"):
+        m.load(ModelSpec(name="bad", backend="fake-engine", model="fail"))
+    assert m.loaded and m.spec == FAKE and m.version > version  # pages notice the (re)load
+    assert "".join(c.text for c in m.stream([Message("user", "hi")], GenerationParams(max_new_tokens=2))) == "one two"
+
+
+def test_failed_load_with_nothing_to_go_back_to_leaves_no_model():
+    m = ModelManager()
     with pytest.raises(BackendError, match="fake load failure"):
         m.load(ModelSpec(name="bad", backend="fake-engine", model="fail"))
     assert not m.loaded and m.describe() == {"loaded": False}
+
+
+def test_a_load_that_cannot_start_unloads_nothing(tmp_path):
+    """A missing file is found before the working model is unloaded (no reload needed)."""
+    m = ModelManager()
+    m.load(FAKE)
+    version = m.version
+    with pytest.raises(BackendError, match="No model file or folder"):
+        m.load(ModelSpec(name="x", backend="llamacpp", model=str(tmp_path / "nope.gguf")))
+    assert m.spec == FAKE and m.version == version
 
 
 def test_load_waits_for_the_reply_in_flight():
