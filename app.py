@@ -30,11 +30,14 @@ class Settings:
     port: int = 7860
     share: bool = False
     auth: list[tuple[str, str]] = field(default_factory=list)
+    admins: list[str] = field(default_factory=list)
+    api_keys: list[str] = field(default_factory=list)
     concurrency: int | None = None  # None: as many replies as the engine batches
     presets_dir: Path = HERE / "presets"
     tools_dir: Path = HERE / "tools"
+    state_dir: Path | None = None  # None: web.state.default_state_dir()
     load: bool = True
-    api_key: str | None = None
+    limits: dict = field(default_factory=dict)  # web.policy.Limits fields
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python app.py",
         description="Confab: a web chat for local large language models.",
         epilog="Examples: python app.py | python app.py --preset smollm2-transformers | "
-        "python app.py --model ~/models/qwen.gguf --port 8080 | python app.py chat (the terminal chat)",
+        "python app.py --model ~/models/qwen.gguf --port 8080 | python app.py chat (the terminal chat) | "
+        "python app.py --share --auth me:secret --admin me (see Sharing safely in the README)",
     )
     p.add_argument("--preset", help="model preset to load at start (see --list-presets); default smollm2-llamacpp")
     p.add_argument("--model", help="a hub id (org/name[@rev]), local folder or .gguf file to load instead of a preset")
@@ -54,13 +58,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="port to listen on (default %(default)s)")
     p.add_argument("--share", action="store_true", help="also serve through a public Gradio share link")
     p.add_argument("--auth", action="append", default=[], metavar="USER:PASS",
-                   help="require this login for the page (repeatable)")
+                   help="require this login for the page and its API (repeatable; also $CONFAB_AUTH, comma-separated)")
     p.add_argument("--auth-file", type=Path, help="file with one USER:PASS per line (# comments allowed)")
+    p.add_argument("--admin", action="append", default=[], metavar="USER",
+                   help="this login may load and unload models (repeatable; also $CONFAB_ADMINS). Without logins "
+                   "and on loopback, whoever uses the page may")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="accept this bearer key on the OpenAI-compatible API at /v1 (repeatable; also "
+                   "$CONFAB_API_KEY, comma-separated)")
     p.add_argument("--concurrency", type=int, default=None,
                    help="most replies generated at once; others wait in line and see their place "
                    "(default: what the engine batches, 8 for llama.cpp, 1 for transformers)")
-    p.add_argument("--api-key", default=os.environ.get("CONFAB_API_KEY"),
-                   help="require this bearer key on the OpenAI-compatible API at /v1 (or $CONFAB_API_KEY)")
+    p.add_argument("--max-body", default="8MB", metavar="SIZE",
+                   help="largest request or upload, e.g. 8MB or 500KB (default %(default)s)")
+    p.add_argument("--max-message-chars", type=int, default=100_000, metavar="N",
+                   help="longest message, system prompt or imported message in characters (default %(default)s)")
+    p.add_argument("--max-messages", type=int, default=1_000, metavar="N",
+                   help="most messages in one conversation (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=4_096, metavar="N",
+                   help="most tokens one reply may ask for (default %(default)s)")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="folder for what outlives a restart (the key of the chats saved in browsers, exports); "
+                   "default $CONFAB_STATE_DIR, /data/confab on a Space with storage, else ~/.local/state/confab")
     p.add_argument("--presets-dir", type=Path, default=HERE / "presets", help="folder of model presets")
     p.add_argument("--tools-dir", type=Path, default=HERE / "tools",
                    help="folder of tool files (@tool functions) that presets may switch on")
@@ -69,8 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").replace("\n", ",").split(",") if item.strip()]
+
+
 def read_auth(pairs: list[str], auth_file: Path | None) -> list[tuple[str, str]]:
-    lines = list(pairs)
+    lines = list(pairs) + _env_list("CONFAB_AUTH")  # a Space keeps its logins in a secret
     if auth_file is not None:
         try:
             lines += auth_file.read_text(encoding="utf-8").splitlines()
@@ -88,13 +111,30 @@ def read_auth(pairs: list[str], auth_file: Path | None) -> list[tuple[str, str]]
     return creds
 
 
+def parse_size(text: str) -> int:
+    """8MB, 500kb, 2GiB, 1048576 -> bytes."""
+    import re
+
+    match = re.fullmatch(r"(\d+)\s*([kmg]?)(?:i?b)?", text.strip().lower())
+    if not match or int(match[1]) < 1:
+        raise SystemExit(f"--max-body {text!r}: give a size such as 8MB, 500KB or 1048576.")
+    return int(match[1]) * 1024 ** " kmg".index(match[2] or " ")
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     if args.concurrency is not None and args.concurrency < 1:
         raise SystemExit("--concurrency must be at least 1.")
+    for flag in ("max_message_chars", "max_messages", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1.")
+    limits = {"body_bytes": parse_size(args.max_body), "message_chars": args.max_message_chars,
+              "messages": args.max_messages, "max_new_tokens": args.max_new_tokens}
     return Settings(
         preset=args.preset, model=args.model, backend=args.backend, host=args.host, port=args.port,
-        share=args.share, auth=read_auth(args.auth, args.auth_file), concurrency=args.concurrency,
-        presets_dir=args.presets_dir, tools_dir=args.tools_dir, load=not args.no_load, api_key=args.api_key,
+        share=args.share, auth=read_auth(args.auth, args.auth_file), admins=args.admin + _env_list("CONFAB_ADMINS"),
+        api_keys=args.api_key + _env_list("CONFAB_API_KEY"), concurrency=args.concurrency,
+        presets_dir=args.presets_dir, tools_dir=args.tools_dir, state_dir=args.state_dir, load=not args.no_load,
+        limits=limits,
     )
 
 
@@ -160,11 +200,23 @@ def terminal(settings: Settings, presets: dict, spec) -> None:
 
 
 def serve(settings: Settings, presets: dict, sampling: dict, key: str | None, spec) -> None:
+    from starlette.middleware import Middleware
+
     from backends.base import BackendError
     from backends.manager import ModelManager
     from ui.handlers import Handlers
     from ui.layout import CSS, build
+    from web.door import Door, Gate
+    from web.policy import Access, Limits
+    from web.state import StateDir, default_state_dir
 
+    try:
+        access = Access.for_server(settings.auth, settings.admins, settings.api_keys, settings.host,
+                                   settings.share, space=bool(os.environ.get("SPACE_ID")))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    limits = Limits(**settings.limits)
+    state = StateDir(settings.state_dir or default_state_dir())
     # SIGTERM (systemd, docker stop, kill) becomes a normal exit, so atexit stops any engine
     # server this process started instead of leaving it orphaned.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
@@ -173,20 +225,30 @@ def serve(settings: Settings, presets: dict, sampling: dict, key: str | None, sp
         try:
             manager.load(spec)
         except BackendError as e:
-            log.error("Could not load %s: %s The page will open without a model.", spec.name, e)
+            log.error("Could not load %s: %s The page will open without a model.", spec.name, e.for_operator())
+    handlers = Handlers(manager, presets, sampling, load_tools(settings.tools_dir, presets), access=access,
+                        limits=limits, state=state)
     # Gradio lets many replies in; the manager admits as many as the engine can batch and tells
     # the others their place in line. Waiting replies hold a worker thread, hence max_threads.
-    demo = build(Handlers(manager, presets, sampling, load_tools(settings.tools_dir, presets)), key,
-                 concurrency=UI_REPLIES)
+    demo = build(handlers, key, concurrency=UI_REPLIES, secret=state.browser_secret())
     demo.queue(default_concurrency_limit=4, max_size=256)
+    gate = Gate(access, limits)
     demo.launch(
         server_name=settings.host, server_port=settings.port, share=settings.share,
         auth=settings.auth or None, css=CSS, footer_links=["api"], max_threads=2 * UI_REPLIES + 16,
-        prevent_thread_lock=True,
+        prevent_thread_lock=True, max_file_size=limits.body_bytes,
+        # Gradio's own checks of a malformed payload then say what was wrong (our handlers turn
+        # every error into a message already; this adds Gradio's, which name the field).
+        show_error=True,
+        # Every request passes the door first; FastAPI's own /openapi.json is not served.
+        app_kwargs={"middleware": [Middleware(Door, gate=gate)], "openapi_url": None},
     )
-    add_openai_api(demo.app, manager, presets, settings.api_key)
-    log.info("OpenAI-compatible API at %s/v1%s", demo.local_url.rstrip("/"),
-             " (API key required)" if settings.api_key else "")
+    gate.gradio = demo.app  # the door reads Gradio's login cookie from here
+    add_openai_api(demo.app, manager, presets, limits)
+    log.info("OpenAI-compatible API at %s/v1", demo.local_url.rstrip("/"))
+    for line in access.summary():
+        log.info("%s", line)
+    log.info("State folder: %s", state.path)
     demo.block_thread()
 
 
@@ -207,15 +269,16 @@ def load_tools(folder: Path, presets: dict) -> dict:
     return tools
 
 
-def add_openai_api(app, manager, presets: dict, api_key: str | None) -> None:
-    """Serve /v1 on the page's own server; its routes go first so nothing of Gradio's shadows them."""
+def add_openai_api(app, manager, presets: dict, limits) -> None:
+    """Serve /v1 on the page's own server; its routes go first so nothing of Gradio's shadows them.
+    Who may call it is the door's business (web/door.py)."""
     from api.openai_api import build_router
 
     def model_id() -> str:
         return next((k for k, s in presets.items() if s == manager.spec), manager.spec.model)
 
     before = len(app.router.routes)
-    app.include_router(build_router(manager, model_id, api_key))
+    app.include_router(build_router(manager, model_id, limits))
     app.router.routes[:] = app.router.routes[before:] + app.router.routes[:before]
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 GET /v1/models and POST /v1/chat/completions (streamed as server-sent events, or whole), over
 the same `ModelManager.stream` as the UI. Errors use OpenAI's error shape and status codes:
-400 bad parameters, 401 bad API key, 404 unknown model, 503 no model loaded. A client that goes
-away closes the reply's generator, which stops the engine. Knows HTTP, not Gradio or engines.
+400 bad parameters (naming the field), 404 unknown model, 503 no model loaded or the engine
+failed. Who may call it (401) and how big a body may be (413) is the door's business
+(web/door.py), which also tells each route who the caller is: cached tokens are reused only
+within one caller, whatever `user` says. A client that goes away closes the reply's generator,
+which stops the engine. Knows HTTP, not Gradio or engines.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from backends.base import BackendError, Chunk, ContextOverflow, GenerationParams, Message, NotLoaded, ParamError, Usage
 from backends.manager import ModelManager
+from web.policy import Limits
 
 
 class ChatRequest(BaseModel):
@@ -28,7 +32,7 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str = ""
-    messages: list[dict[str, Any]]
+    messages: list[Any]
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     max_tokens: int | None = None
@@ -55,41 +59,64 @@ class ApiError(Exception):
 
 
 def _content(value: Any, index: int) -> str:
+    where = f"messages[{index}].content"
     if isinstance(value, str):
         return value
-    if isinstance(value, list):  # content parts: keep the text ones
-        return "".join(p.get("text", "") for p in value if isinstance(p, dict) and p.get("type") == "text")
     if value is None:
         return ""
-    raise ApiError(400, f"messages[{index}].content must be a string or a list of parts.", "invalid_request_error",
-                   f"messages[{index}].content")
+    if not isinstance(value, list):
+        raise _bad(f"{where} must be a string or a list of content parts, got {type(value).__name__}.", where)
+    texts = []
+    for j, part in enumerate(value):
+        if not isinstance(part, dict):
+            raise _bad(f"{where}[{j}] must be an object such as {{\"type\": \"text\", \"text\": \"...\"}}.",
+                       f"{where}[{j}]")
+        kind = part.get("type")
+        if kind != "text":
+            raise _bad(f"{where}[{j}] is of type {kind!r}; this model takes text parts only.", f"{where}[{j}].type")
+        if not isinstance(part.get("text"), str):
+            raise _bad(f"{where}[{j}].text must be a string.", f"{where}[{j}].text")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
-def to_messages(raw: list[dict[str, Any]]) -> list[Message]:
+def to_messages(raw: list[Any], limits: Limits) -> list[Message]:
     if not raw:
-        raise ApiError(400, "messages must hold at least one message.", "invalid_request_error", "messages")
+        raise _bad("messages must hold at least one message.", "messages")
     out = []
     for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise _bad(f"messages[{i}] must be an object with a role and a content.", f"messages[{i}]")
         role = item.get("role")
         if role == "developer":  # OpenAI's newer name for the system role
             role = "system"
         try:
             out.append(Message(role, _content(item.get("content"), i)))
         except ParamError as e:
-            raise ApiError(400, f"messages[{i}]: {e}", "invalid_request_error", f"messages[{i}].role") from e
+            raise _bad(f"messages[{i}]: {e}", f"messages[{i}].role") from e
+    if out[-1].role not in ("user", "tool"):
+        raise _bad(f"The last message is from the {out[-1].role}; it must be the user's (or a tool's) for the model "
+                   "to answer it.", f"messages[{len(out) - 1}].role")
+    try:
+        limits.check_texts([(f"messages[{i}]", m.content) for i, m in enumerate(out)])
+    except ParamError as e:
+        raise _bad(str(e), "messages") from e
     return out
 
 
-def to_params(req: ChatRequest, base: GenerationParams) -> GenerationParams:
+def _bad(message: str, param: str | None = None) -> "ApiError":
+    return ApiError(400, message, "invalid_request_error", param)
+
+
+def to_params(req: ChatRequest, base: GenerationParams, limits: Limits) -> GenerationParams:
     if req.n != 1:
-        raise ApiError(400, "Only n=1 is supported: ask again for another answer.", "invalid_request_error", "n")
+        raise _bad("Only n=1 is supported: ask again for another answer.", "n")
     if (req.model_extra or {}).get("tools"):
         # Answering as if the tools were not there would look like a model that ignores them.
-        raise ApiError(400, "This API does not take client-side tools (tools=) yet. Leave tools out, or switch on "
-                       "server-side tools in the model's preset (tools = [...]) and use the page.",
-                       "invalid_request_error", "tools")
+        raise _bad("This API does not take client-side tools (tools=) yet. Leave tools out, or switch on "
+                   "server-side tools in the model's preset (tools = [...]) and use the page.", "tools")
     changes: dict[str, Any] = {
-        "max_new_tokens": req.max_completion_tokens or req.max_tokens,
+        "max_new_tokens": req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
         "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
         "repetition_penalty": req.repetition_penalty, "seed": req.seed, "stop": req.stop,
     }
@@ -97,19 +124,17 @@ def to_params(req: ChatRequest, base: GenerationParams) -> GenerationParams:
     if "temperature" in changes:
         changes["do_sample"] = changes["temperature"] > 0  # OpenAI's temperature 0 means greedy
     try:
-        return GenerationParams.from_dict(changes, base=base)
+        params = GenerationParams.from_dict(changes, base=base)
+        limits.check_params(params)
     except ParamError as e:
-        raise ApiError(400, str(e), "invalid_request_error") from e
+        raise _bad(str(e)) from e
+    return params
 
 
-def build_router(manager: ModelManager, model_id: Any, api_key: str | None = None) -> APIRouter:
+def build_router(manager: ModelManager, model_id: Any, limits: Limits | None = None) -> APIRouter:
     """`model_id()` names the loaded model (its preset key) for /v1/models and the `model` field."""
     router = APIRouter(prefix="/v1")
-
-    def check(request: Request) -> None:
-        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
-            raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>' (the --api-key value).",
-                           "invalid_api_key")
+    limits = limits or Limits()
 
     def loaded_id(asked: str | None) -> str:
         if not manager.loaded:
@@ -121,9 +146,8 @@ def build_router(manager: ModelManager, model_id: Any, api_key: str | None = Non
         return name
 
     @router.get("/models")
-    def models(request: Request) -> Any:
+    def models() -> Any:
         try:
-            check(request)
             if not manager.loaded:
                 return {"object": "list", "data": []}
             info = manager.describe()
@@ -137,17 +161,12 @@ def build_router(manager: ModelManager, model_id: Any, api_key: str | None = Non
     @router.post("/chat/completions")
     async def chat(request: Request) -> Any:
         try:
-            check(request)
-            try:
-                req = ChatRequest.model_validate(await request.json())
-            except (ValidationError, ValueError) as e:
-                raise ApiError(400, f"The request body is not a valid chat completion request: {e}",
-                               "invalid_request_error") from e
+            req = await _read(request)
             name = loaded_id(req.model)
-            messages, params = to_messages(req.messages), to_params(req, manager.default_params())
+            messages, params = to_messages(req.messages, limits), to_params(req, manager.default_params(), limits)
         except ApiError as e:
             return e.response()
-        reply = Reply(manager, name, messages, params, req.user)
+        reply = Reply(manager, name, messages, params, owner(request, req.user))
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             return StreamingResponse(reply.events(include_usage), media_type="text/event-stream")
@@ -157,6 +176,28 @@ def build_router(manager: ModelManager, model_id: Any, api_key: str | None = Non
             return e.response()
 
     return router
+
+
+async def _read(request: Request) -> ChatRequest:
+    try:
+        data = await request.json()
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise _bad(f"The request body is not valid JSON ({type(e).__name__}: {e}).") from e
+    if not isinstance(data, dict):
+        raise _bad(f"The request body must be a JSON object, got {type(data).__name__}.")
+    try:
+        return ChatRequest.model_validate(data)
+    except ValidationError as e:
+        problems = [(".".join(map(str, err["loc"])), err["msg"]) for err in e.errors()]
+        raise _bad("Invalid request: " + "; ".join(f"{loc}: {msg}" for loc, msg in problems[:5]),
+                   problems[0][0] if problems else None) from e
+
+
+def owner(request: Request, user: str | None) -> str:
+    """Whose cache a request may reuse: the caller the door identified (an API key, a login, or
+    the client's address when the API is open); `user` only separates conversations within it."""
+    identity = getattr(request.state, "confab_identity", None) or "local"
+    return f"api|{identity}|{user or ''}"
 
 
 class Reply:
@@ -237,8 +278,8 @@ def _usage(usage: Usage | None) -> dict[str, Any]:
 def _status_for(error: BackendError) -> ApiError:
     if isinstance(error, ParamError):
         return ApiError(400, str(error), "invalid_request_error")
-    if isinstance(error, NotLoaded):
-        return ApiError(503, str(error), "server_error")
     if isinstance(error, ContextOverflow):
         return ApiError(400, str(error), "invalid_request_error", "messages")
-    return ApiError(500, str(error), "server_error")
+    # No model, a full cache, an engine or upstream server that failed: the server's trouble, not the
+    # request's, and worth a retry. The message is the public one; the detail went to the log.
+    return ApiError(503, str(error), "server_error")

@@ -117,8 +117,10 @@ class GenerationParams:
             )
         if not 0 < self.top_p <= 1:
             raise ParamError(f"top_p must be above 0 and at most 1, got {self.top_p}. Use 1 to turn it off.")
-        if self.top_k < 0:
-            raise ParamError(f"top_k must be 0 or more, got {self.top_k}. Use 0 to turn it off.")
+        if not 0 <= self.top_k < 2**31:  # engines take it as a C int
+            raise ParamError(f"top_k must be 0 or more (and below 2**31), got {self.top_k}. Use 0 to turn it off.")
+        if self.max_new_tokens >= 2**31:
+            raise ParamError(f"max_new_tokens must be below 2**31, got {self.max_new_tokens}.")
         if not 0 <= self.min_p < 1:
             raise ParamError(f"min_p must be at least 0 and below 1, got {self.min_p}. Use 0 to turn it off.")
         if self.repetition_penalty <= 0:

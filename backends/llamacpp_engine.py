@@ -158,8 +158,14 @@ class BatchEngine:
         idle = [s for s in self.slots if s.request is None]
         if not idle:
             return None
-        # Longest reusable prefix first (this conversation's own slot), then least recently used.
-        return max(idle, key=lambda s: (self._reusable(s, request), -s.last_used))
+        # This owner's slot with the longest shared prefix, else an empty slot, else the least
+        # recently used one. Another owner's slot is never taken for the public opening it holds:
+        # that is copied from it (see _start), and its conversation stays cached.
+        def rank(s: Slot) -> tuple[int, bool, float]:
+            own = common_prefix(s.ids, request.ids) if s.owner == request.owner else 0
+            return own, not s.ids, -s.last_used
+
+        return max(idle, key=rank)
 
     def _start(self, slot: Slot, request: Request) -> None:
         limit = len(request.ids) - 1  # at least one prompt token is read, to get fresh logits

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,13 +89,14 @@ def free_port() -> int:
 
 
 class RunningApp:
-    def __init__(self, *args: str, timeout: float = 90) -> None:
-        self.port = free_port()
+    def __init__(self, *args: str, timeout: float = 90, env: dict | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         ARTIFACTS.mkdir(exist_ok=True)
         self.log_path = ARTIFACTS / f"app-{self.port}.log"
         self.log = open(self.log_path, "w")
-        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
+               "CONFAB_STATE_DIR": tempfile.mkdtemp(prefix="confab-state-"), **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "app.py"), "--port", str(self.port), *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,

@@ -91,15 +91,13 @@ def test_bad_input_gets_a_message_and_the_server_keeps_serving(app):
     client = Client(app.url, verbose=False)
     with pytest.raises(AppError, match="top_p|minimum value"):  # Gradio's slider bounds answer first
         client.predict(message="hi", history=[], system_prompt="", top_p=0, api_name="/respond")
-    with pytest.raises(AppError, match="seed must be 0 or more.*Sampling panel"):
+    with pytest.raises(AppError, match="seed must be from 0.*Sampling panel"):
         client.predict(message="hi", history=[], system_prompt="", seed=-5, api_name="/respond")
-    with pytest.raises(AppError, match="Unknown backend|No model file"):
+    with pytest.raises(AppError, match="No model file or folder at /nope/model.gguf"):
         client.predict(choice="smollm2-llamacpp", custom="/nope/model.gguf", backend="llamacpp", api_name="/load")
-    # A failed load leaves no model loaded (it unloads first, to free memory): load the default back.
-    status = client.predict(choice="smollm2-llamacpp", custom="", backend="llamacpp", api_name="/load")[0]
-    assert "SmolLM2" in status
+    # A failed load keeps the model that was loaded: the next question is answered by it.
     ok = client.predict(message="Say hi.", history=[], system_prompt="", max_new_tokens=16, api_name="/respond")
-    assert text_of(ok[1][-1])
+    assert text_of(ok[1][-1]) and "SmolLM2" in ok[2]
 
 
 def test_export_and_import_round_trip(app, tmp_path):

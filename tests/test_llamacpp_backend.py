@@ -167,3 +167,44 @@ def test_two_models_loading_at_once_keep_the_process_output(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "still visible" in done.stdout, done.stderr[-2000:]
+
+
+def test_cached_tokens_stay_with_their_owner(llama_backend):
+    """Another owner sending the same opening is told of no cached tokens (and gets none of the
+    conversation's cells); the owner's own next turn is served from its cache."""
+    secret = [Message("user", "My locker code is 4417 and my cat is called Biscuit.")]
+    params = GREEDY.replace(max_new_tokens=2)
+    list(llama_backend.stream(secret, params, session_id="owner-a"))
+    guess = list(llama_backend.stream(secret, params, session_id="owner-b"))[-1]
+    assert guess.usage.cached_tokens == 0
+    again = list(llama_backend.stream(secret, params, session_id="owner-a"))[-1]
+    assert again.usage.cached_tokens >= again.usage.prompt_tokens - 1
+
+
+def test_only_the_templates_opening_is_public(llama_backend):
+    prompt = llama_backend.render(PARIS)
+    opening = llama_backend.model.detokenize(prompt.token_ids[: prompt.public_tokens], special=True).decode()
+    assert opening.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert opening.endswith("<|im_start|>user\n") and "France" not in opening
+    with_system = llama_backend.render([Message("system", "Secret instructions."), *PARIS])
+    assert llama_backend.model.detokenize(with_system.token_ids[: with_system.public_tokens], special=True).decode() == \
+        "<|im_start|>system\n"  # a system prompt someone typed is theirs, not the template's
+
+
+def test_slots_lend_the_public_opening_without_being_taken():
+    """The engine's choice of slot, on its own data: another owner's cached conversation is the
+    last slot taken, and lends at most the public opening."""
+    from backends.llamacpp_engine import BatchEngine, Request, Slot
+
+    engine = object.__new__(BatchEngine)  # no llama.cpp context needed to choose a slot
+    theirs = Slot(seq=0, ids=[1, 2, 3, 4, 5, 6], owner="a", last_used=1.0)
+    empty = Slot(seq=1, last_used=0.0)
+    mine = Slot(seq=2, ids=[1, 2, 9], owner="b", last_used=2.0)
+    engine.slots = [theirs, empty, mine]
+    request = Request([1, 2, 3, 4, 5, 7], GREEDY, owner="b", public=2)
+    assert BatchEngine._reusable(theirs, request) == 2 and BatchEngine._reusable(mine, request) == 2
+    assert engine._pick_slot(request) is mine  # my own conversation, with a shared prefix
+    mine.ids = [8]
+    assert engine._pick_slot(request) is empty  # else an empty slot, not someone else's
+    empty.ids, empty.owner = [5], "c"
+    assert engine._pick_slot(request) is empty  # else the least recently used

@@ -48,3 +48,26 @@ def test_fit_context_errors_when_last_message_cannot_fit():
     msgs = [Message("user", "w " * 100)]
     with pytest.raises(BackendError, match="do not fit.*context"):
         fit_context(render, msgs, GenerationParams(max_new_tokens=10), n_ctx=50)
+
+
+def test_fitting_a_long_chat_renders_it_a_logarithmic_number_of_times():
+    from backends.prompting import memoized
+
+    calls = {"render": 0, "encode": 0}
+
+    def encode(text, special):
+        calls["encode"] += 1
+        return [0] * len(text.split())
+
+    encode = memoized(encode)
+
+    def render(messages):
+        calls["render"] += 1
+        return Prompt("", [t for m in messages for t in encode(m.content, False)])
+
+    msgs = [Message("user" if i % 2 == 0 else "assistant", f"message {i} " + "word " * 8) for i in range(2001)]
+    prompt, dropped = fit_context(render, msgs, GenerationParams(max_new_tokens=10), n_ctx=1000)
+    assert len(prompt.token_ids) <= 990 and dropped % 2 == 0 and dropped > 1800
+    assert len(prompt.token_ids) + 20 > 990  # as little dropped as fits: one more exchange would not
+    assert calls["render"] <= 14  # bisection: about log2(1000 exchanges) + 2, not one per exchange
+    assert calls["encode"] == 2001  # each message tokenized once

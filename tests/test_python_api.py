@@ -186,7 +186,10 @@ def test_base_llm_abatch_run_is_concurrent(embedded, monkeypatch):
     # Every reply had produced its first token before any reply ended: they ran together.
     assert max(s for s, _ in spans) < min(e for _, e in spans)
     spans.clear()
-    assert llm.batch_run(tasks[:2]) == replies[:2]  # batch_run: one after another, same answers
+    # batch_run: one after another, answers in order. (Not compared with abatch_run's text: greedy
+    # decoding of 4 sequences at once rounds differently from 1 and may diverge after a while.)
+    france, story = llm.batch_run(["What is the capital of France? Answer in one sentence.", tasks[1]])
+    assert "Paris" in france and "Paris" not in story and story
     assert spans[0][1] <= spans[1][0]
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from backends.base import GenerationParams, Message, ParamError, Usage
+from backends.base import GenerationParams, Message, ParamError, Usage, valid_text
 from backends.tools import CALL_START, Toolset, ToolStep, call_from_title, transcript_messages
+from web.policy import Limits
 
 # The sampling controls, in the order the UI lists them and handlers receive them.
 PARAM_FIELDS = (
@@ -43,18 +44,27 @@ def flatten(content: Any) -> str:
     return str(content)
 
 
-def clean_history(history: list[dict] | None) -> list[dict[str, Any]]:
+def text_input(value: Any, what: str) -> str:
+    """A text box's raw value (events take raw payloads): text, or nothing."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ParamError(f"{what} must be text, got {type(value).__name__}.")
+    return valid_text(value)
+
+
+def clean_history(history: Any) -> list[dict[str, Any]]:
     """Chatbot value -> [{'role', 'content'}] with plain text; tool steps keep their metadata,
     other titled steps (and anything malformed) are dropped."""
     out: list[dict[str, Any]] = []
-    for item in history or []:
+    for item in history if isinstance(history, list) else []:
         if not isinstance(item, dict) or item.get("role") not in ("user", "assistant"):
             continue
         meta = item.get("metadata") or {}
         title = meta.get("title") if isinstance(meta, dict) else None
         if title and not (item["role"] == "assistant" and call_from_title(str(title))):
             continue
-        clean = {"role": item["role"], "content": flatten(item.get("content"))}
+        clean = {"role": item["role"], "content": valid_text(flatten(item.get("content")))}
         if title:
             clean["metadata"] = {"title": str(title), "status": "done"}
             if isinstance(meta.get("duration"), (int, float)):
@@ -147,22 +157,26 @@ def export_json(history: list[dict], system_prompt: str | None) -> str:
     return json.dumps(messages, ensure_ascii=False, indent=2)
 
 
-def import_json(text: str) -> tuple[list[dict[str, str]], str]:
-    """OpenAI messages JSON (a list, or {"messages": [...]}) -> (chat history, system prompt)."""
+def import_json(text: str, limits: Limits | None = None) -> tuple[list[dict[str, str]], str]:
+    """OpenAI messages JSON (a list, or {"messages": [...]}) -> (chat history, system prompt).
+    The file is held to the server's limits before anything is built from it."""
     hint = 'Expected a JSON list of {"role": "user" | "assistant" | "system", "content": "..."}.'
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ParamError(f"The file is not valid JSON ({e}). {hint}") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ParamError(f"The file is not valid JSON ({type(e).__name__}: {e}). {hint}") from None
     if isinstance(data, dict) and "messages" in data:
         data = data["messages"]
     if not isinstance(data, list):
         raise ParamError(f"The file holds a {type(data).__name__}, not a list of messages. {hint}")
+    limits = limits or Limits()
+    limits.check_texts([("message", "")] * len(data))
     system, messages = "", []
     for i, item in enumerate(data, 1):
         if not isinstance(item, dict) or "role" not in item or "content" not in item:
             raise ParamError(f"Message {i} has no role or no content. {hint}")
         role, content = item["role"], flatten(item["content"])
+        limits.check_texts([(f"Message {i}", content)])
         if role == "system":
             system = content
         elif role in ("user", "assistant", "tool"):

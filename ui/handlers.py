@@ -1,15 +1,17 @@
 """Gradio event handlers: plain (generator) functions over the manager, no layout.
 
 Per-user state arrives as arguments (the chat, the system prompt, the sliders) and leaves as
-return values; nothing per user is kept here. `BackendError` becomes `gr.Error` in `_shown`,
-the one place that does it.
+return values; the only per-user thing kept here is which sessions have a reply streaming (one
+at a time each). Who may do what is checked here, on the server, whatever the page shows:
+model actions are for operators (web.policy.Access), and every request is held to the limits.
+`BackendError` becomes `gr.Error` in `_shown` and `_reply`; operators also see its detail.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -17,11 +19,13 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 
 from backends import names as backend_names
-from backends.base import BackendError, GenerationParams, ModelSpec, Usage
+from backends.base import BackendError, GenerationParams, ModelSpec, Usage, valid_text
 from backends.hub import cached_models
 from backends.locate import guess_backend
 from backends.manager import ModelManager
 from backends.tools import Tool, Toolset, ToolStep, pick, stream_with_tools
+from web.policy import Access, Limits
+from web.state import StateDir, default_state_dir
 
 from .chat import (
     PARAM_FIELDS,
@@ -32,6 +36,7 @@ from .chat import (
     import_json,
     params_from_ui,
     step_message,
+    text_input,
     to_messages,
     ui_values,
 )
@@ -39,6 +44,9 @@ from .chat import (
 log = logging.getLogger(__name__)
 CUSTOM = "__custom__"
 FRAME_S = 0.04  # shortest time between two streamed updates of the page (25 per second)
+BUSY_WAIT_S = 1.0  # a second Send waits this long for the session's reply to end (a Stop in flight)
+OPERATORS_ONLY = ("Only this server's operator can load or unload models. You can chat with the model that is "
+                  "loaded; its name is in the status line.")
 
 
 def _shown(fn: Callable) -> Callable:
@@ -70,11 +78,38 @@ class Handlers:
         presets: dict[str, ModelSpec],
         sampling_presets: dict[str, dict[str, Any]],
         tools: dict[str, Tool] | None = None,
+        access: Access | None = None,
+        limits: Limits | None = None,
+        state: StateDir | None = None,
     ) -> None:
         self.manager = manager
         self.presets = presets
         self.sampling_presets = sampling_presets
         self.tools = tools or {}  # every tool in the tools folder; a preset switches some on
+        self.access = access or Access()  # default: the machine's owner at a loopback page
+        self.limits = limits or Limits()
+        self.state = state or StateDir(default_state_dir())
+        self._streaming: set[str] = set()  # sessions with a reply in flight
+        self._streaming_changed = threading.Condition()
+
+    # ---- who is asking --------------------------------------------------------------------
+    def is_operator(self, request: gr.Request | None) -> bool:
+        return self.access.is_operator(getattr(request, "username", None))
+
+    def _operator(self, request: gr.Request | None, action: str) -> str:
+        """The operator's name for the log; a visitor gets a refusal, whatever their page shows."""
+        user = getattr(request, "username", None)
+        if not self.access.is_operator(user):
+            log.warning("refused %s for %s", action, f"login {user!r}" if user else "a visitor")
+            raise gr.Error(OPERATORS_ONLY, print_exception=False)
+        return user or "the owner (loopback)"
+
+    def _error(self, error: BackendError, request: gr.Request | None) -> gr.Error:
+        """The message a person sees: operators also get the detail (an upstream server's words)."""
+        if error.detail:
+            log.warning("%s (%s)", error, error.detail)
+        text = error.for_operator() if self.is_operator(request) else str(error)
+        return gr.Error(text, print_exception=False)
 
     # ---- replies -------------------------------------------------------------------------
     def respond(
@@ -97,20 +132,21 @@ class Handlers:
         """Send: show the user's message at once, then stream the reply. Outputs: input, chat, status, saved."""
         values = dict(zip(PARAM_FIELDS, (temperature, top_p, top_k, min_p, max_new_tokens,
                                          repetition_penalty, do_sample, seed, stop)))
-        text = (message or "").strip()
+        text, system_prompt = _texts(message, system_prompt)
+        text = text.strip()
         if not text:
             gr.Warning("Type a message first.")
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         params = self._params(values)
-        history = clean_history(history) + [{"role": "user", "content": text}]
-        yield from self._reply(history, system_prompt, params, _session(request), self._toolset(use_tools),
-                               clear_input=True)
+        history = self._checked(history, system_prompt, extra=[{"role": "user", "content": text}])
+        yield from self._reply(history, system_prompt, params, request, self._toolset(use_tools), clear_input=True)
 
     # Gradio fills annotated Request/EditData parameters only before a *args, hence their place.
     # `values` is the sampling controls in PARAM_FIELDS order, then the "Use tools" box.
     def regenerate(self, request: gr.Request, history: list[dict], system_prompt: str, *values: Any):
-        history = clean_history(history)
+        _, system_prompt = _texts(None, system_prompt)
+        history = self._checked(history, system_prompt)
         while history and history[-1]["role"] == "assistant":
             history.pop()
         if not history:
@@ -118,14 +154,31 @@ class Handlers:
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         params, toolset = self._controls(values)
-        yield from self._reply(history, system_prompt, params, _session(request), toolset)
+        yield from self._reply(history, system_prompt, params, request, toolset)
 
     def edit(self, request: gr.Request, edit: gr.EditData, history: list[dict], system_prompt: str, *values: Any):
         """A user message was edited in place: drop what followed it and answer again."""
-        index = edit.index if isinstance(edit.index, int) else edit.index[0]
-        history = clean_history(history[:index]) + [{"role": "user", "content": flatten(edit.value)}]
+        index = edit.index[0] if isinstance(edit.index, (list, tuple)) and edit.index else edit.index
+        if not isinstance(history, list) or not isinstance(index, int) or not 0 <= index < len(history):
+            raise gr.Error("That message is no longer in the chat; reload the page.", print_exception=False)
+        _, system_prompt = _texts(None, system_prompt)
+        history = self._checked(history[:index], system_prompt,
+                                extra=[{"role": "user", "content": valid_text(flatten(edit.value))}])
         params, toolset = self._controls(values)
-        yield from self._reply(history, system_prompt, params, _session(request), toolset)
+        yield from self._reply(history, system_prompt, params, request, toolset)
+
+    def _checked(self, history: Any, system_prompt: str, extra: list[dict] = ()) -> list[dict]:
+        """The chat as plain messages, refused with a message when it is past the server's limits
+        (the count is checked before any work is done on it)."""
+        raw = history if isinstance(history, list) else []
+        try:
+            self.limits.check_texts([("message", "")] * (len(raw) + len(extra)))
+            chat = clean_history(raw) + list(extra)
+            self.limits.check_texts([("The system prompt", system_prompt or "")] +
+                                    [(f"Message {i}", m["content"]) for i, m in enumerate(chat, 1)])
+        except BackendError as e:
+            raise gr.Error(str(e), print_exception=False) from e
+        return chat
 
     def _controls(self, values: tuple) -> tuple[GenerationParams, Toolset]:
         n = len(PARAM_FIELDS)
@@ -154,11 +207,40 @@ class Handlers:
 
     def _params(self, values: dict[str, Any]) -> GenerationParams:
         try:
-            return params_from_ui(values, base=self.manager.default_params())
+            params = params_from_ui(values, base=self.manager.default_params())
+            self.limits.check_params(params)
         except BackendError as e:
             raise gr.Error(f"{e} Fix it in the Sampling panel.", print_exception=False) from e
+        return params
 
-    def _reply(self, history, system_prompt, params, session, toolset: Toolset, clear_input=False) -> Iterator[tuple]:
+    def _reply(self, history, system_prompt, params, request, toolset: Toolset, clear_input=False) -> Iterator[tuple]:
+        """One reply at a time per browser session: a second Send while one streams waits a moment
+        for it (a Stop in flight), else is told why and keeps its text in the box."""
+        session = _session(request)
+        if not self._begin(session):
+            gr.Warning("Your last reply is still being written: press Stop, or wait for it to end.")
+            yield gr.skip(), gr.skip(), "Your last reply is still being written: press **Stop**, or wait.", gr.skip()
+            return
+        try:
+            yield from self._stream_reply(history, system_prompt, params, request, toolset, clear_input)
+        finally:
+            self._end(session)
+
+    def _begin(self, session: str | None) -> bool:
+        if session is None:
+            return True
+        with self._streaming_changed:
+            if not self._streaming_changed.wait_for(lambda: session not in self._streaming, BUSY_WAIT_S):
+                return False
+            self._streaming.add(session)
+            return True
+
+    def _end(self, session: str | None) -> None:
+        with self._streaming_changed:
+            self._streaming.discard(session)
+            self._streaming_changed.notify_all()
+
+    def _stream_reply(self, history, system_prompt, params, request, toolset, clear_input) -> Iterator[tuple]:
         """Stream into a new assistant message; each tool call becomes a collapsible step.
         Yields (input, chat, status, saved)."""
         reply = {"role": "assistant", "content": ""}
@@ -167,7 +249,7 @@ class Handlers:
         yield ("" if clear_input else gr.skip()), shown, "Thinking…", saved
         usage: Usage | None = None
         last_frame = 0.0
-        stream = functools.partial(self.manager.stream, session_id=session)
+        stream = functools.partial(self.manager.stream, session_id=_owner(request))
         events = stream_with_tools(stream, to_messages(history, system_prompt), params, toolset,
                                    takes_tools=self.manager.takes_tools())
         try:
@@ -194,21 +276,22 @@ class Handlers:
                     usage = chunk.usage
         except BackendError as e:
             keep = [m for m in shown if m is not reply or reply["content"]]
-            yield gr.skip(), keep, format_status(self.manager.describe(), note="the last reply failed"), _saved(
+            yield gr.skip(), keep, self._status_line(request, note="the last reply failed"), _saved(
                 keep, system_prompt
             )
-            raise gr.Error(str(e), print_exception=False) from e
+            raise self._error(e, request) from e
         finally:
             events.close()
         if not reply["content"] and len(shown) > len(history) + 1:
             shown.remove(reply)  # the reply ended with a tool step and no text after it
-        status = format_status(self.manager.describe(), usage)
-        yield gr.skip(), shown, status, _saved(shown, system_prompt)
+        yield gr.skip(), shown, self._status_line(request, usage), _saved(shown, system_prompt)
 
     # ---- editing the conversation ---------------------------------------------------------
     @staticmethod
+    @_shown
     def undo(history: list[dict], system_prompt: str):
         """Remove the last exchange and put its message back in the input box."""
+        _, system_prompt = _texts(None, system_prompt)
         history = clean_history(history)
         while history and history[-1]["role"] == "assistant":
             history.pop()
@@ -216,38 +299,37 @@ class Handlers:
         return text, history, _saved(history, system_prompt)
 
     @staticmethod
+    @_shown
     def clear(system_prompt: str):
-        return "", [], _saved([], system_prompt)
+        return "", [], _saved([], _texts(None, system_prompt)[1])
 
-    @staticmethod
-    def restore(saved: dict | None):
-        saved = saved or {}
+    def restore(self, saved: dict | None):
+        """The chat saved in the browser (the page's own copy: checked like any input)."""
+        saved = saved if isinstance(saved, dict) else {}
         messages = saved.get("messages") if isinstance(saved.get("messages"), list) else []
-        return clean_history(messages), saved.get("system", "") if isinstance(saved.get("system"), str) else ""
+        system = saved.get("system") if isinstance(saved.get("system"), str) else ""
+        return clean_history(messages[-self.limits.messages:]), system[: self.limits.message_chars]
 
     @staticmethod
+    @_shown
     def save(history: list[dict], system_prompt: str):
-        return _saved(history, system_prompt)
+        return _saved(history, _texts(None, system_prompt)[1])
 
-    @staticmethod
     @_shown
-    def export_chat(history: list[dict], system_prompt: str) -> str:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        folder = Path(tempfile.mkdtemp(prefix="confab-"))
-        path = folder / f"confab-chat-{stamp}.json"
-        path.write_text(export_json(history, system_prompt), encoding="utf-8")
-        return str(path)
+    def export_chat(self, history: list[dict], system_prompt: str) -> str:
+        _, system_prompt = _texts(None, system_prompt)
+        name = f"confab-chat-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        return str(self.state.export(name, export_json(self._checked(history, system_prompt), system_prompt)))
 
-    @staticmethod
     @_shown
-    def import_chat(file: str | None):
+    def import_chat(self, file: str | None):
         if not file:
             raise gr.Error("Choose a .json file to import.")
         try:
             text = Path(file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise gr.Error(f"Could not read that file ({e}). Import a UTF-8 .json file.") from e
-        history, system = import_json(text)
+        history, system = import_json(text, self.limits)
         gr.Info(f"Imported {len(history)} messages.")
         return history, system, _saved(history, system)
 
@@ -262,23 +344,51 @@ class Handlers:
             return self.presets[choice]
         raise BackendError("Choose a preset, or type a hub id, folder or .gguf path in the box below it.")
 
-    def load_model(self, choice: str, custom: str, backend: str, progress=gr.Progress(track_tqdm=True)):
-        """Load: outputs status, then the sampling controls reset to the preset's defaults."""
+    def load_model(self, choice: str, custom: str, backend: str, request: gr.Request,
+                   progress=gr.Progress(track_tqdm=True)):
+        """Load (operators only): outputs status, then the sampling controls reset to the preset's defaults.
+        A failed load keeps (or loads again) the model there was, and says so."""
+        who = self._operator(request, "a model load")
         try:
             spec = self.spec_for(choice, custom, backend)
+            log.info("%s loads %s (%s: %s)", who, spec.name, spec.backend, spec.base_url or spec.model)
             info = self.manager.load(spec, progress=lambda f, d: progress(f, desc=d))
         except BackendError as e:
-            raise gr.Error(str(e), print_exception=False) from e
+            raise self._error(e, request) from e
         gr.Info(f"Loaded {spec.name} in {info.get('load_s', 0):.1f} s.")
-        return [format_status(info), *ui_values(spec.default_params), self.tools_box()]
+        return [self._status_line(request), *ui_values(spec.default_params), self.tools_box()]
 
-    @_shown
-    def unload_model(self) -> str:
+    def unload_model(self, request: gr.Request) -> str:
+        who = self._operator(request, "a model unload")
+        log.info("%s unloads %s", who, self.manager.spec.name if self.manager.spec else "nothing")
         self.manager.unload()
-        return format_status(self.manager.describe(), note="model unloaded")
+        return self._status_line(request, note="model unloaded")
 
-    def status(self) -> str:
-        return format_status(self.manager.describe())
+    def status(self, request: gr.Request) -> str:
+        return self._status_line(request)
+
+    def _status_line(self, request: gr.Request | None, usage: Usage | None = None, note: str = "") -> str:
+        info = self.manager.describe()
+        if not self.is_operator(request) and str(info.get("device", "")).startswith("remote"):
+            info["device"] = "remote server"  # its address is the operator's business
+        return format_status(info, usage, note)
+
+    def watch(self, seen: int | None, request: gr.Request):
+        """Every few seconds: if the model changed (another user's load), refresh the status line
+        and the tools box. Outputs: the version seen, status, tools box."""
+        version = self.manager.version
+        if version == seen:
+            return gr.skip(), gr.skip(), gr.skip()
+        return version, self._status_line(request), self.tools_box()
+
+    def model_panel(self, request: gr.Request):
+        """The model panel as this person may use it: operators get the controls; visitors a
+        read-only name (the server refuses their loads anyway). Outputs: preset, model box,
+        downloaded models, backend, load, unload, note."""
+        if self.is_operator(request):
+            return (*[gr.skip()] * 6, gr.Markdown(visible=False))
+        note = "The model is chosen by this server's operator; its name is in the status line below the chat."
+        return (*[gr.update(visible=False)] * 6, gr.Markdown(note, visible=True))
 
     def apply_sampling_preset(self, name: str) -> list[Any]:
         overlay = self.sampling_presets.get(name, {})
@@ -288,14 +398,13 @@ class Handlers:
     def backend_names() -> list[str]:
         return backend_names()
 
-    @staticmethod
-    def cached_models() -> gr.Dropdown:
-        return gr.Dropdown(choices=cached_models())
+    def cached_models(self, request: gr.Request) -> gr.Dropdown:
+        """What is in the Hugging Face cache, for operators (visitors see nothing of the disk)."""
+        return gr.Dropdown(choices=cached_models() if self.is_operator(request) else [])
 
-    @staticmethod
-    def pick_cached(repo: str | None, backend: str):
+    def pick_cached(self, repo: str | None, backend: str, request: gr.Request):
         """A downloaded model was picked: put it in the model box with a backend that loads it."""
-        if not repo:
+        if not repo or not self.is_operator(request):
             return gr.skip(), gr.skip()
         return repo, "llamacpp" if repo.lower().endswith(".gguf") else backend
 
@@ -311,5 +420,23 @@ def custom_spec(text: str, backend: str | None) -> ModelSpec:
     return ModelSpec(name=Path(text).name or text, backend=backend, model=text)
 
 
+def _texts(message: Any, system_prompt: Any) -> tuple[str, str]:
+    """The message box and the system prompt as text (events take raw payloads)."""
+    try:
+        return text_input(message, "The message"), text_input(system_prompt, "The system prompt")
+    except BackendError as e:
+        raise gr.Error(str(e), print_exception=False) from e
+
+
 def _session(request: gr.Request | None) -> str | None:
     return getattr(request, "session_hash", None)
+
+
+def _owner(request: gr.Request | None) -> str | None:
+    """Whose conversation a reply belongs to, for the engine's cache: the login, else the page
+    session (its hash is known only to its browser)."""
+    user = getattr(request, "username", None)
+    if user:
+        return f"login:{user}"
+    session = _session(request)
+    return f"session:{session}" if session else None

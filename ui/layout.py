@@ -28,27 +28,37 @@ LATEX = [
 STORAGE_KEY = "confab-chat"
 
 
-def build(handlers: Handlers, current_preset: str | None, concurrency: int = 1) -> gr.Blocks:
+MODEL_WATCH_S = 5  # how often a page asks whether another user switched the model
+
+
+def build(handlers: Handlers, current_preset: str | None, concurrency: int = 1, secret: str | None = None) -> gr.Blocks:
+    """`secret` encrypts the chat each browser keeps; a stable one keeps chats across restarts."""
     defaults = handlers.manager.default_params()
-    with gr.Blocks(title="Confab", fill_height=True) as demo:
-        saved = gr.BrowserState({"messages": [], "system": ""}, storage_key=STORAGE_KEY)
+    limits = handlers.limits
+    # Gradio's own copies of uploads and exports are removed after an hour, checked hourly.
+    with gr.Blocks(title="Confab", fill_height=True, delete_cache=(3600, 3600)) as demo:
+        saved = gr.BrowserState({"messages": [], "system": ""}, storage_key=STORAGE_KEY, secret=secret)
+        seen_version = gr.State(handlers.manager.version)
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
-                chat = _chat_column()
+                chat = _chat_column(limits.message_chars)
             with gr.Column(scale=1, min_width=280):
                 model = _model_panel(handlers, current_preset)
                 system = gr.Textbox(
-                    label="System prompt", elem_id="system-prompt", lines=3,
+                    label="System prompt", elem_id="system-prompt", lines=3, max_length=limits.message_chars,
                     placeholder="Optional instructions for the assistant",
                 )
                 # Tools come from the loaded preset; the box lets a user turn them off.
                 use_tools = gr.Checkbox(value=True, elem_id="use-tools", **handlers.tools_label())
                 sampling_preset, sliders = _sampling_panel(handlers, defaults)
         _wire(demo, handlers, chat, model, system, sampling_preset, [*sliders, use_tools], saved, concurrency)
+        timer = gr.Timer(MODEL_WATCH_S)
+        timer.tick(handlers.watch, seen_version, [seen_version, chat["status"], use_tools], api_visibility="private",
+                   show_progress="hidden", queue=False)
     return demo
 
 
-def _chat_column() -> dict[str, Any]:
+def _chat_column(max_chars: int) -> dict[str, Any]:
     c: dict[str, Any] = {}
     c["chatbot"] = gr.Chatbot(
         elem_id="chatbot", label="Chat", height="65vh", editable="user",
@@ -57,7 +67,7 @@ def _chat_column() -> dict[str, Any]:
     )
     with gr.Row():
         c["input"] = gr.Textbox(
-            elem_id="chat-input", show_label=False, scale=8, lines=1, max_lines=8, autofocus=True,
+            elem_id="chat-input", show_label=False, scale=8, lines=1, max_lines=8, autofocus=True, max_length=max_chars,
             placeholder="Message — Enter sends, Shift+Enter for a new line",
         )
         c["send"] = gr.Button("Send", elem_id="send", variant="primary", scale=1, min_width=80)
@@ -94,6 +104,7 @@ def _model_panel(handlers: Handlers, current_preset: str | None) -> dict[str, An
         with gr.Row():
             m["load"] = gr.Button("Load", elem_id="load", variant="primary", size="sm")
             m["unload"] = gr.Button("Unload", elem_id="unload", size="sm")
+        m["note"] = gr.Markdown(visible=False, elem_id="model-note")  # what visitors see instead
     return m
 
 
@@ -109,8 +120,8 @@ def _sampling_panel(handlers: Handlers, defaults: GenerationParams) -> tuple[gr.
             gr.Slider(0.01, 1, value=values["top_p"], step=0.01, label="Top p", elem_id="top-p"),
             gr.Slider(0, 200, value=values["top_k"], step=1, label="Top k (0 = off)", elem_id="top-k"),
             gr.Slider(0, 0.5, value=values["min_p"], step=0.01, label="Min p (0 = off)", elem_id="min-p"),
-            gr.Slider(1, 4096, value=values["max_new_tokens"], step=1, label="Max new tokens",
-                      elem_id="max-new-tokens"),
+            gr.Slider(1, handlers.limits.max_new_tokens, value=min(values["max_new_tokens"], handlers.limits.max_new_tokens),
+                      step=1, label="Max new tokens", elem_id="max-new-tokens"),
             gr.Slider(0.8, 1.5, value=values["repetition_penalty"], step=0.01, label="Repetition penalty",
                       elem_id="repetition-penalty"),
             gr.Checkbox(value=values["do_sample"], label="Sampling (off = greedy)", elem_id="do-sample"),
@@ -126,7 +137,14 @@ def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, controls, sav
     h = handlers
     sliders, use_tools = controls[:-1], controls[-1]
     reply_out = [c["input"], c["chatbot"], c["status"], saved]
-    reply_opts = dict(concurrency_limit=concurrency, concurrency_id="reply", show_progress="minimal")
+    # "multiple": a second Send while a reply streams reaches the server, which says why it waits,
+    # instead of being dropped by the page without a word.
+    reply_opts = dict(concurrency_limit=concurrency, concurrency_id="reply", show_progress="minimal",
+                      trigger_mode="multiple", preprocess=False)
+    # preprocess=False: handlers take the raw chat and controls and check them themselves, with
+    # messages that say what is wrong (Gradio's own check of a malformed chat has none, and it
+    # validates every message of a long chat one by one).
+    raw = dict(preprocess=False)
     send_args = dict(fn=h.respond, inputs=[c["input"], c["chatbot"], system, *controls], outputs=reply_out)
     replies = [
         c["input"].submit(**send_args, api_name="respond", **reply_opts),
@@ -140,21 +158,23 @@ def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, controls, sav
                           **reply_opts),
     ]
     c["stop"].click(None, cancels=replies, api_visibility="private").then(
-        h.save, [c["chatbot"], system], saved, api_visibility="private"
+        h.save, [c["chatbot"], system], saved, api_visibility="private", **raw
     )
-    undo_args = dict(fn=h.undo, inputs=[c["chatbot"], system], outputs=[c["input"], c["chatbot"], saved])
+    undo_args = dict(fn=h.undo, inputs=[c["chatbot"], system], outputs=[c["input"], c["chatbot"], saved], **raw)
     c["undo"].click(**undo_args, api_name="undo")
     c["chatbot"].undo(**undo_args, api_visibility="private")
-    c["clear"].click(h.clear, [system], [c["input"], c["chatbot"], saved], api_name="clear")
-    c["chatbot"].clear(h.clear, [system], [c["input"], c["chatbot"], saved], api_visibility="private")
-    system.blur(h.save, [c["chatbot"], system], saved, api_visibility="private")
-    c["export"].click(h.export_chat, [c["chatbot"], system], c["export_file"], api_name="export").then(
+    c["clear"].click(h.clear, [system], [c["input"], c["chatbot"], saved], api_name="clear", **raw)
+    c["chatbot"].clear(h.clear, [system], [c["input"], c["chatbot"], saved], api_visibility="private", **raw)
+    system.blur(h.save, [c["chatbot"], system], saved, api_visibility="private", **raw)
+    c["export"].click(h.export_chat, [c["chatbot"], system], c["export_file"], api_name="export", **raw).then(
         lambda: gr.File(visible=True), None, c["export_file"], api_visibility="private"
     )
     c["import"].upload(h.import_chat, c["import"], [c["chatbot"], system, saved], api_name="import")
     model_opts = dict(concurrency_limit=1, concurrency_id="model")
+    # The status line is refreshed after a load either way: a failed load may have put the old model back.
     m["load"].click(h.load_model, [m["model"], m["custom"], m["backend"]], [c["status"], *controls],
-                    api_name="load", show_progress_on=c["status"], **model_opts)
+                    api_name="load", show_progress_on=c["status"], **model_opts
+                    ).then(h.status, None, c["status"], api_visibility="private")
     m["unload"].click(h.unload_model, None, c["status"], api_name="unload", **model_opts)
     m["model"].change(lambda choice: "" if choice != CUSTOM else gr.skip(), m["model"], m["custom"],
                       api_visibility="private")
@@ -162,8 +182,9 @@ def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, controls, sav
     m["cached"].select(h.pick_cached, [m["cached"], m["backend"]], [m["custom"], m["backend"]],
                        api_visibility="private")
     sampling_preset.change(h.apply_sampling_preset, sampling_preset, sliders, api_visibility="private")
+    panel = [m["model"], m["custom"], m["cached"], m["backend"], m["load"], m["unload"], m["note"]]
     demo.load(h.restore, saved, [c["chatbot"], system], api_visibility="private").then(
         h.status, None, c["status"], api_visibility="private"
-    ).then(h.cached_models, None, m["cached"], api_visibility="private").then(
-        h.tools_box, None, use_tools, api_visibility="private"
-    )
+    ).then(h.model_panel, None, panel, api_visibility="private").then(
+        h.cached_models, None, m["cached"], api_visibility="private"
+    ).then(h.tools_box, None, use_tools, api_visibility="private")
