@@ -166,3 +166,38 @@ def test_a_cancel_must_name_an_event_its_caller_started():
     body = {"session_hash": "s1", "fn_index": 0}
     assert call(gate, "POST", "/gradio_api/cancel", json={**body, "event_id": "guess"}).status_code == 403
     assert call(gate, "POST", "/gradio_api/cancel", json={**body, "event_id": "e1"}).status_code == 200
+
+
+# ---- the state folder ----------------------------------------------------------------------
+def test_the_browser_secret_is_made_once_and_kept(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from web.state import StateDir
+
+    monkeypatch.delenv("CONFAB_SECRET", raising=False)
+    first = StateDir(tmp_path / "state").browser_secret()
+    assert len(first) >= 32 and StateDir(tmp_path / "state").browser_secret() == first  # a restart reads it back
+    assert stat.S_IMODE(os.stat(tmp_path / "state" / "browser-secret").st_mode) == 0o600
+    monkeypatch.setenv("CONFAB_SECRET", "from-the-environment")
+    assert StateDir(tmp_path / "state").browser_secret() == "from-the-environment"
+
+
+def test_exports_do_not_pile_up(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from web.state import EXPORT_KEEP_S, StateDir
+
+    state = StateDir(tmp_path / "state")
+    old = state.export("old.json", "[]")
+    stale = old.stat().st_mtime - EXPORT_KEEP_S - 1
+    os.utime(old.parent, (stale, stale))
+    new = state.export("new.json", "[]")
+    assert new.exists() and not old.exists() and len(list(state.exports.iterdir())) == 1
+    # The folder goes when the process ends.
+    script = f"from web.state import StateDir; print(StateDir({str(tmp_path / 'state')!r}).export('x.json', '[]'))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert not os.path.exists(out.stdout.strip())

@@ -1,6 +1,7 @@
 """Safe to share: the launched app with logins, an admin and an API key, tried as a visitor
 would try it (gradio_client, the openai client, raw HTTP), and a public server with no logins."""
 
+import json
 import socket
 import time
 
@@ -140,6 +141,26 @@ def test_limits_answer_at_once_with_the_flag_to_change(shared):
     history = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}] * 60
     with pytest.raises(AppError, match="61 messages.*--max-messages"):
         bob.predict(message="hi", history=history, system_prompt="", api_name="/respond")
+    assert time.monotonic() - start < 5
+
+
+def test_an_import_past_the_limits_is_refused_at_once(shared, tmp_path):
+    from gradio_client import handle_file
+
+    bob = Client(shared.url, auth=BOB, verbose=False)
+    many = tmp_path / "many.json"
+    many.write_text(json.dumps([{"role": "user", "content": "hi"}] * 51))
+    huge = tmp_path / "huge.json"
+    huge.write_text(json.dumps([{"role": "user", "content": "x" * (9 * 1024 * 1024)}]))
+    start = time.monotonic()
+    with pytest.raises(AppError, match="51 messages.*--max-messages"):
+        bob.predict(file=handle_file(str(many)), api_name="/import")
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):  # the client knows the limit...
+        bob.predict(file=handle_file(str(huge)), api_name="/import")
+    with httpx.Client(base_url=shared.url) as raw:  # ...and the server enforces it for clients that do not
+        raw.post("/login", data={"username": "bob", "password": "builder"})
+        r = raw.post("/gradio_api/upload", files={"files": ("huge.json", huge.read_bytes())})
+        assert r.status_code == 413 and "--max-body" in r.json()["detail"]
     assert time.monotonic() - start < 5
 
 
