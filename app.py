@@ -235,7 +235,7 @@ def serve(settings: Settings, presets: dict, sampling: dict, key: str | None, sp
     gate = Gate(access, limits)
     demo.launch(
         server_name=settings.host, server_port=settings.port, share=settings.share,
-        auth=settings.auth or None, css=CSS, footer_links=["api"], max_threads=2 * UI_REPLIES + 16,
+        auth=gate.check_login if settings.auth else None, css=CSS, footer_links=["api"], max_threads=2 * UI_REPLIES + 16,
         prevent_thread_lock=True, max_file_size=limits.body_bytes,
         # Gradio's own checks of a malformed payload then say what was wrong (our handlers turn
         # every error into a message already; this adds Gradio's, which name the field).

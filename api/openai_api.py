@@ -163,7 +163,7 @@ def build_router(manager: ModelManager, model_id: Any, limits: Limits | None = N
         try:
             req = await _read(request)
             name = loaded_id(req.model)
-            messages, params = to_messages(req.messages, limits), to_params(req, manager.default_params(), limits)
+            messages, params = to_messages(req.messages, limits), to_params(req, limits.clamp(manager.default_params()), limits)
         except ApiError as e:
             return e.response()
         reply = Reply(manager, name, messages, params, owner(request, req.user))

@@ -170,10 +170,12 @@ class GenerationParams:
 def _as_number(name: str, value: Any, kind: type) -> Any:
     if isinstance(value, bool):
         raise ParamError(f"{name} must be a number, got {value!r}.")
+    if isinstance(value, int) and kind is int:
+        return value  # exactly: a float would round 2**63 - 1, and overflow past 1e308
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise ParamError(f"{name} must be a number, got {value!r}.") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ParamError(f"{name} must be a number of sensible size, got {str(value)[:40]!r}.") from None
     if number != number or number in (float("inf"), float("-inf")):
         raise ParamError(f"{name} must be a finite number, got {value!r}.")
     if kind is int:

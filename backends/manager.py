@@ -31,6 +31,7 @@ class ModelManager:
         self._swap = threading.Lock()  # one load or unload at a time
         self._cond = threading.Condition()  # guards the three fields below
         self._active = 0  # replies streaming now
+        self._preparing = 0  # replies being fitted and tokenized (they use the model too)
         self._line: deque[object] = deque()  # tickets of replies waiting, first come first served
         self._swapping = False
         self._backend: Backend | None = None
@@ -52,6 +53,7 @@ class ModelManager:
             try:
                 self._load_locked(backend, spec, progress)
             except BackendError as e:
+                _discard(backend)  # what it loaded before failing, before the old model needs the memory
                 if previous is None:
                     raise
                 raise self._restore(previous, e) from e
@@ -90,7 +92,7 @@ class ModelManager:
         """Hold new replies back and wait for those in flight to end."""
         with self._cond:
             self._swapping = True
-            self._cond.wait_for(lambda: self._active == 0)
+            self._cond.wait_for(lambda: self._active == 0 and self._preparing == 0)
         try:
             yield
         finally:
@@ -147,8 +149,7 @@ class ModelManager:
         """
         if not messages or messages[-1].role not in ("user", "tool"):
             raise ParamError("There is nothing to answer: the conversation must end with a user message.")
-        backend = self._require()
-        job = self._prepare(backend, messages, params, tools)  # before the line: it holds no slot
+        backend, job = self._prepared(messages, params, tools)  # before the line: it holds no slot
         ticket = object()
         with self._cond:
             self._line.append(ticket)
@@ -167,8 +168,7 @@ class ModelManager:
                 with self._cond:
                     self._cond.wait(0.5)
             if self._backend is not backend:  # the model changed while this reply waited
-                backend = self._require()
-                job = self._prepare(backend, messages, params, tools)
+                backend, job = self._prepared(messages, params, tools)
             if job is None:
                 yield from backend.stream(messages, params, session_id, **({"tools": tools} if tools else {}))
             else:
@@ -181,12 +181,21 @@ class ModelManager:
                     self._line.remove(ticket)
                 self._cond.notify_all()
 
-    @staticmethod
-    def _prepare(backend: Backend, messages: list[Message], params: GenerationParams,
-                 tools: list[dict[str, Any]] | None) -> Any:
-        """Fit and render the conversation, where the backend can do that apart from generating."""
-        prepare = getattr(backend, "prepare", None)
-        return prepare(messages, params, tools) if prepare is not None else None
+    def _prepared(self, messages: list[Message], params: GenerationParams,
+                  tools: list[dict[str, Any]] | None) -> tuple[Backend, Any]:
+        """The backend and the conversation fitted and rendered for it, where the backend can do
+        that apart from generating. A load or unload waits for this (it tokenizes with the model)."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._swapping)
+            backend = self._require()
+            self._preparing += 1
+        try:
+            prepare = getattr(backend, "prepare", None)
+            return backend, prepare(messages, params, tools) if prepare is not None else None
+        finally:
+            with self._cond:
+                self._preparing -= 1
+                self._cond.notify_all()
 
     def _try_admit(self, ticket: object) -> bool:
         if self._swapping or self._line[0] is not ticket or self._active >= self.capacity():
@@ -194,3 +203,10 @@ class ModelManager:
         self._line.popleft()
         self._active += 1
         return True
+
+
+def _discard(backend: Backend) -> None:
+    try:
+        backend.unload()
+    except Exception:  # noqa: BLE001 - a half-loaded backend may not unload cleanly; it is dropped anyway
+        log.debug("unloading a failed backend raised", exc_info=True)

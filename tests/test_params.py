@@ -92,3 +92,10 @@ def test_usage_tokens_per_second_counts_decode_time_only():
     u = Usage(completion_tokens=11, ttft_s=0.5, total_s=1.5)
     assert u.tokens_per_s == pytest.approx(10.0)
     assert Usage(completion_tokens=1, ttft_s=0.1, total_s=0.1).tokens_per_s is None
+
+
+def test_huge_and_exact_integers():
+    assert GenerationParams(seed=2**63 - 1).seed == 2**63 - 1  # exactly, not through a float
+    for field in ("seed", "max_new_tokens", "top_k", "temperature"):
+        with pytest.raises(ParamError, match=field):
+            GenerationParams.from_dict({field: 10**400})

@@ -106,10 +106,10 @@ async def _echo(scope, receive, send):
     await send({"type": "http.response.body", "body": data})
 
 
-def call(gate, method, path, **kwargs):
+def call(gate, method, path, base_url="http://127.0.0.1:7860", **kwargs):
     async def go():
         transport = httpx.ASGITransport(app=Door(_echo, gate), client=("203.0.113.7", 1234))
-        async with httpx.AsyncClient(transport=transport, base_url="http://confab") as client:
+        async with httpx.AsyncClient(transport=transport, base_url=base_url) as client:
             return await client.request(method, path, **kwargs)
 
     return asyncio.run(go())
@@ -122,7 +122,8 @@ def test_the_door_refuses_big_deep_and_closed_before_any_route_runs():
     deep = call(gate, "POST", "/gradio_api/queue/join", content=b"[" * 100 + b"]" * 100,
                 headers={"content-type": "application/json"})
     assert deep.status_code == 400 and "nests deeper" in deep.json()["detail"]
-    for path in ("/openapi.json", "/docs", "/gradio_api/stream/abc", "/monitoring", "/gradio_api/run-history/records"):
+    for path in ("/openapi.json", "/docs", "/gradio_api/stream/abc", "/monitoring", "/gradio_api/run-history/records",
+                 "/gradio_api/call/respond/abc", "/gradio_api/run/predict", "/gradio_api/api/respond"):
         assert call(gate, "GET", path).status_code == 404, path
 
 
@@ -157,6 +158,47 @@ def test_api_guessing_is_slowed_too():
     codes = [call(gate, "GET", "/v1/models", headers={"Authorization": f"Bearer guess{i}"}).status_code
              for i in range(4)]
     assert codes[:3] == [401, 401, 401] and codes[3] == 429
+
+
+def test_other_websites_and_rebound_names_are_refused():
+    owner = Gate(Access(), Limits())
+    assert call(owner, "GET", "/v1/models", headers={"Origin": "http://127.0.0.1:7860"}).status_code == 200
+    cross = call(owner, "POST", "/gradio_api/queue/join", json={}, headers={"Origin": "https://evil.example"})
+    assert cross.status_code == 403 and "Cross-site" in cross.json()["detail"]
+    rebound = call(owner, "GET", "/config", base_url="http://evil.example:7860")
+    assert rebound.status_code == 403 and "localhost only" in rebound.json()["detail"]
+    # A public server answers to its own name; behind a proxy, the forwarded one.
+    public = Gate(Access(exposed=True, public=True), Limits())
+    assert call(public, "GET", "/config", base_url="https://x.hf.space").status_code == 200
+    proxied = call(public, "POST", "/gradio_api/queue/join", json={}, base_url="http://10.0.0.5:7860",
+                   headers={"Origin": "https://x.hf.space", "X-Forwarded-Host": "x.hf.space"})
+    assert proxied.status_code == 200
+
+
+def test_a_session_is_named_once():
+    gate = Gate(Access(), Limits())
+    r = call(gate, "GET", "/gradio_api/queue/data?session_hash=mine&session_hash=yours")
+    assert r.status_code == 400
+
+
+def test_a_locked_login_name_is_not_even_tried():
+    gate = Gate(Access({"alice": "wonder"}), Limits(), throttle=Throttle(free=2))
+    assert [gate.check_login("alice", f"guess{i}") for i in range(3)] == [False, False, False]
+    assert not gate.check_login("alice", "wonder")  # right, but locked: no oracle for a guesser
+    assert gate.throttle.retry_after(["user:alice"]) > 0
+
+
+def test_quiet_time_forgives_and_a_flood_of_names_cannot_unlock():
+    now = [0.0]
+    throttle = Throttle(free=1, forget_s=60, max_keys=3, clock=lambda: now[0])
+    throttle.failed(["user:alice"]), throttle.failed(["user:alice"])
+    assert throttle.retry_after(["user:alice"]) == 1.0
+    for i in range(10):  # new names, each failing once: the lock on alice stays
+        throttle.failed([f"user:x{i}"])
+    assert throttle.retry_after(["user:alice"]) > 0
+    now[0] = 120.0
+    throttle.failed(["user:alice"])  # a failure after a quiet minute counts as the first
+    assert throttle.retry_after(["user:alice"]) <= 0
 
 
 def test_a_cancel_must_name_an_event_its_caller_started():

@@ -151,3 +151,33 @@ def test_a_waiting_reply_that_is_cancelled_leaves_the_line():
     second.close()
     assert not m._line
     first.close()
+
+
+def test_a_load_waits_for_a_reply_being_prepared():
+    """Fitting a chat tokenizes with the loaded model: a swap must not free it meanwhile."""
+    from backends.prompting import Job
+
+    started, release = threading.Event(), threading.Event()
+
+    class Preparing(FakeEngineBackend):
+        def prepare(self, messages, params, tools=None):
+            started.set()
+            release.wait(5)
+            return Job(messages, params)
+
+        def run(self, job, session_id=None):
+            yield from self.stream(job.messages, job.params, session_id)
+
+    if "fake-preparing" not in backends.names():
+        backends.register("fake-preparing")(Preparing)
+    m = ModelManager()
+    m.load(ModelSpec(name="p", backend="fake-preparing", model="x"))
+    reply = threading.Thread(target=lambda: list(m.stream([Message("user", "hi")], GenerationParams())))
+    reply.start()
+    assert started.wait(5)
+    swapped = threading.Event()
+    threading.Thread(target=lambda: (m.load(FAKE), swapped.set())).start()
+    assert not swapped.wait(0.3)  # the load waits for the prompt being prepared...
+    release.set()
+    assert swapped.wait(5)  # ...and goes on once it is done
+    reply.join(5)

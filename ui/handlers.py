@@ -92,6 +92,10 @@ class Handlers:
         self._streaming: set[str] = set()  # sessions with a reply in flight
         self._streaming_changed = threading.Condition()
 
+    def defaults(self) -> GenerationParams:
+        """The loaded model's sampling defaults, within the server's limits."""
+        return self.limits.clamp(self.manager.default_params())
+
     # ---- who is asking --------------------------------------------------------------------
     def is_operator(self, request: gr.Request | None) -> bool:
         return self.access.is_operator(getattr(request, "username", None))
@@ -207,7 +211,7 @@ class Handlers:
 
     def _params(self, values: dict[str, Any]) -> GenerationParams:
         try:
-            params = params_from_ui(values, base=self.manager.default_params())
+            params = params_from_ui(values, base=self.defaults())
             self.limits.check_params(params)
         except BackendError as e:
             raise gr.Error(f"{e} Fix it in the Sampling panel.", print_exception=False) from e
@@ -356,7 +360,7 @@ class Handlers:
         except BackendError as e:
             raise self._error(e, request) from e
         gr.Info(f"Loaded {spec.name} in {info.get('load_s', 0):.1f} s.")
-        return [self._status_line(request), *ui_values(spec.default_params), self.tools_box()]
+        return [self._status_line(request), *ui_values(self.defaults()), self.tools_box()]
 
     def unload_model(self, request: gr.Request) -> str:
         who = self._operator(request, "a model unload")
@@ -370,7 +374,9 @@ class Handlers:
     def _status_line(self, request: gr.Request | None, usage: Usage | None = None, note: str = "") -> str:
         info = self.manager.describe()
         if not self.is_operator(request) and str(info.get("device", "")).startswith("remote"):
-            info["device"] = "remote server"  # its address is the operator's business
+            # Its address (which may carry a key) is the operator's business: visitors see the name
+            # of the model it serves.
+            info.update(device="remote server", name=info.get("model") or "remote model")
         return format_status(info, usage, note)
 
     def watch(self, seen: int | None, request: gr.Request):
@@ -392,7 +398,7 @@ class Handlers:
 
     def apply_sampling_preset(self, name: str) -> list[Any]:
         overlay = self.sampling_presets.get(name, {})
-        return ui_values(GenerationParams.from_dict(overlay, base=self.manager.default_params()))
+        return ui_values(GenerationParams.from_dict(overlay, base=self.defaults()))
 
     @staticmethod
     def backend_names() -> list[str]:
@@ -433,10 +439,11 @@ def _session(request: gr.Request | None) -> str | None:
 
 
 def _owner(request: gr.Request | None) -> str | None:
-    """Whose conversation a reply belongs to, for the engine's cache: the login, else the page
-    session (its hash is known only to its browser)."""
+    """Whose conversation a reply belongs to, for the engine's cache: the page session (its hash
+    is known only to its browser), within the login if there is one."""
     user = getattr(request, "username", None)
-    if user:
-        return f"login:{user}"
     session = _session(request)
-    return f"session:{session}" if session else None
+    if session is None:
+        return f"login:{user}" if user else None
+    # The session too, not the login alone: several people may share one login.
+    return f"login:{user}|session:{session}" if user else f"session:{session}"

@@ -33,7 +33,7 @@ MODEL_WATCH_S = 5  # how often a page asks whether another user switched the mod
 
 def build(handlers: Handlers, current_preset: str | None, concurrency: int = 1, secret: str | None = None) -> gr.Blocks:
     """`secret` encrypts the chat each browser keeps; a stable one keeps chats across restarts."""
-    defaults = handlers.manager.default_params()
+    defaults = handlers.defaults()
     limits = handlers.limits
     # Gradio's own copies of uploads and exports are removed after an hour, checked hourly.
     with gr.Blocks(title="Confab", fill_height=True, delete_cache=(3600, 3600)) as demo:
@@ -54,7 +54,7 @@ def build(handlers: Handlers, current_preset: str | None, concurrency: int = 1, 
         _wire(demo, handlers, chat, model, system, sampling_preset, [*sliders, use_tools], saved, concurrency)
         timer = gr.Timer(MODEL_WATCH_S)
         timer.tick(handlers.watch, seen_version, [seen_version, chat["status"], use_tools], api_visibility="private",
-                   show_progress="hidden", queue=False)
+                   show_progress="hidden", concurrency_limit=None)
     return demo
 
 

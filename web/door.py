@@ -19,7 +19,9 @@ import re
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
+
+import anyio
 
 from starlette.requests import cookie_parser
 
@@ -40,9 +42,15 @@ MAX_DEPTH = 64  # JSON nesting; a chat request needs about 6
 ANONYMOUS_PATHS = {"/", "/login", "/login/", "/logout", "/favicon.ico", "/manifest.json", "/robots.txt",
                    "/theme.css", "/gradio_api/theme.css", "/gradio_api/startup-events"}
 ANONYMOUS_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon")
-# Routes of Gradio features this app does not use; none of them asks for a login.
+# Routes of Gradio features this app does not use (some ask for no login), and the REST routes
+# that run an event around the queue, where a caller may name any session.
 CLOSED_PREFIXES = ("/gradio_api/stream/", "/gradio_api/run-history", "/gradio_api/vibe", "/gradio_api/undo-vibe",
-                   "/monitoring", "/openapi.json", "/docs", "/redoc")
+                   "/monitoring", "/openapi.json", "/docs", "/redoc", "/gradio_api/call/", "/gradio_api/run/",
+                   "/gradio_api/api/", "/gradio_api/component_server")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+LOGIN_BODY_BYTES = 64 * 1024  # a login form is small: nobody unknown gets to send megabytes
+BODY_TIMEOUT_S = 60  # a body must arrive within this (a trickle would hold a worker forever)
+BIG_BODY = 64 * 1024  # JSON larger than this is checked in a worker thread, off the event loop
 
 
 @dataclass
@@ -93,6 +101,18 @@ class Gate:
     sessions: SessionBook = field(default_factory=SessionBook)
     gradio: Any = None
 
+    def check_login(self, user: str, password: str) -> bool:
+        """Gradio's `auth=`: the name it checks is the one counted. While that name is locked,
+        no password is even tried, so a guess there tells nothing."""
+        keys = [f"user:{user}"]
+        if self.throttle.retry_after(keys) > 0:
+            return False
+        ok = self.access.login_ok(user, password)
+        (self.throttle.succeeded if ok else self.throttle.failed)(keys)
+        if not ok:
+            log.warning("failed login for %r", user)
+        return ok
+
     def login_of(self, scope: Scope) -> str | None:
         """The page login this request carries (Gradio's access-token cookie), if any."""
         app = self.gradio
@@ -126,15 +146,20 @@ class Door:
         path, api = scope["path"], scope["path"].startswith("/v1")
         if path.startswith(CLOSED_PREFIXES):
             raise _Refused(404, "Not found.", api)
+        self._same_site(scope, api)
         login = self.gate.login_of(scope)
         logging_in = path in ("/login", "/login/") and scope["method"] == "POST"
         if api:
-            self._api_credential(scope, login)
+            self._api_credential(scope)
         elif self.gate.access.logins and login is None and not logging_in and not _anonymous(path):
             raise _Refused(401, "Not authenticated: log in first.", api)
-        body = await self._body(scope, receive, api)  # only once the caller may send one
+        limit = LOGIN_BODY_BYTES if logging_in else self.gate.limits.body_bytes
+        body = await self._body(scope, receive, api, limit)  # only once the caller may send one
         if body is not None:
-            body = _safe_json(scope, body, api)
+            if len(body) > BIG_BODY:
+                body = await anyio.to_thread.run_sync(_safe_json, scope, body, api)
+            else:
+                body = _safe_json(scope, body, api)
             receive = _replay(body, receive)
         if logging_in:
             await self._login(scope, body or b"", receive, send)
@@ -143,32 +168,52 @@ class Door:
             send = self._sessions(scope, path, body, login or "", send)
         await self.app(scope, receive, send)
 
+    # ---- where a request comes from ----------------------------------------------------------
+    def _same_site(self, scope: Scope, api: bool) -> None:
+        """Refuse what another website makes a visitor's browser send (Gradio's CORS answers any
+        origin with credentials on a non-local host, and its login cookie is SameSite=None), and,
+        when the machine's owner is whoever reaches the page, any Host but a loopback one: a
+        rebound DNS name would otherwise make every website the owner."""
+        host = _header(scope, b"host").lower()
+        if self.gate.access.owner_mode and host and host.rsplit(":", 1)[0] not in LOOPBACK_HOSTS:
+            raise _Refused(403, f"This server answers to localhost only, not {host!r}; to serve a network, start "
+                                "it with --host and --auth (see Sharing safely in the README).", api)
+        origin = _header(scope, b"origin")
+        if origin and origin != "null":
+            hosts = {host, _header(scope, b"x-forwarded-host").lower()}
+            if urlsplit(origin).netloc.lower() not in hosts:
+                raise _Refused(403, f"Cross-site request refused: the page at {origin} is not this server "
+                                    f"({host}). Behind a proxy, pass the Host header on.", api)
+
     # ---- bodies ----------------------------------------------------------------------------
-    async def _body(self, scope: Scope, receive: Receive, api: bool) -> bytes | None:
-        """The whole body (bounded), or None for requests that carry none."""
+    async def _body(self, scope: Scope, receive: Receive, api: bool, limit: int) -> bytes | None:
+        """The whole body (bounded in size and time), or None for requests that carry none."""
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return None
-        limit = self.gate.limits.body_bytes
         declared = _header(scope, b"content-length")
         if declared.isdigit() and int(declared) > limit:
             raise _too_big(int(declared), limit, api)
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _Refused(400, "The client went away.", api)
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise _too_big(size, limit, api)
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                return b"".join(chunks)
+        with anyio.move_on_after(BODY_TIMEOUT_S) as late:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise _Refused(400, "The client went away.", api)
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise _too_big(size, limit, api)
+                chunks.append(chunk)
+                if not message.get("more_body"):
+                    return b"".join(chunks)
+        assert late.cancel_called
+        raise _Refused(408, f"The request body did not arrive within {BODY_TIMEOUT_S} s.", api)
 
     # ---- credentials -----------------------------------------------------------------------
-    def _api_credential(self, scope: Scope, login: str | None) -> None:
-        """/v1: an API key (Bearer) or a login (Basic, or the page's cookie), unless it is open.
-        The caller's identity goes to the route in scope["state"], for its cache owner."""
+    def _api_credential(self, scope: Scope) -> None:
+        """/v1: an API key (Bearer) or a login (HTTP Basic), unless it is open; never the page's
+        cookie, which a browser would attach for any website. The caller's identity goes to the
+        route in scope["state"], for its cache owner."""
         access, throttle = self.gate.access, self.gate.throttle
         header = _header(scope, b"authorization")
         identity, tried = access.identify(header) if header else (None, None)
@@ -177,8 +222,6 @@ class Door:
         if wait > 0:
             raise _Refused(429, f"Too many failed attempts: try again in {wait:.0f} s.", True,
                            headers=[(b"retry-after", str(int(wait) + 1).encode())])
-        if identity is None and login is not None:
-            identity = f"login:{login}"
         if identity is None and header and access.api_keys + tuple(access.logins):
             throttle.failed(keys)
         if identity is None and not access.api_open:
@@ -189,7 +232,9 @@ class Door:
         scope.setdefault("state", {})["confab_identity"] = identity or f"addr:{_client(scope)}"
 
     async def _login(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
-        """Gradio's login form, slowed after failures (per login name and per client address)."""
+        """Gradio's login form. Gate.check_login counts failures by the name Gradio checks; here a
+        locked name gets a 429 that says how long to wait, and failures count against the client's
+        address too."""
         user = _form_field(scope, body, "username").strip()
         keys = _guess_keys(scope, user)
         throttle = self.gate.throttle
@@ -205,11 +250,9 @@ class Door:
             await send(message)
 
         await self.app(scope, receive, watch)
-        if status and status[0] == 200:
-            throttle.succeeded(keys)
-        elif status:
-            throttle.failed(keys)
-            log.warning("failed login for %r from %s", user, _client(scope))
+        address = [k for k in keys if k.startswith("addr:")]
+        if status and status[0] != 200:
+            throttle.failed(address)
 
     # ---- Gradio sessions -------------------------------------------------------------------
     def _sessions(self, scope: Scope, path: str, body: bytes | None, caller: str, send: Send) -> Send:
@@ -229,7 +272,10 @@ class Door:
             if not book.started(session, event_id, caller):
                 raise _Refused(403, "There is no reply of yours to stop there.", False)
         elif path.startswith("/gradio_api/queue/data"):
-            session = (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("session_hash") or [""])[0]
+            given = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("session_hash") or [""]
+            if len(given) > 1:  # which one would the route read? Refuse the question.
+                raise _Refused(400, "Give session_hash once.", False)
+            session = given[0]
             if book.foreign(session, caller):
                 raise _Refused(403, "That session belongs to someone else.", False)
         elif path.startswith("/gradio_api/heartbeat/"):
@@ -281,10 +327,12 @@ def _header(scope: Scope, name: bytes) -> str:
 
 
 def _client(scope: Scope) -> str:
-    """The caller's address; behind a proxy on a private address (a Space's), the forwarded one."""
+    """The caller's address. Behind a proxy on a private address (a Space's, a share link's
+    tunnel), the address that proxy saw: the last X-Forwarded-For entry, the one it added (the
+    ones before it are whatever the client wrote)."""
     client = scope.get("client")
     peer = client[0] if client else "?"
-    forwarded = _header(scope, b"x-forwarded-for").split(",")[0].strip()
+    forwarded = _header(scope, b"x-forwarded-for").split(",")[-1].strip()
     return forwarded if forwarded and _private(peer) else peer
 
 
@@ -356,7 +404,10 @@ def _json_field(body: bytes | None, name: str) -> Any:
 
 # ---- JSON that cannot hurt -----------------------------------------------------------------
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_STRINGS = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
+# A string, or an unterminated one up to the end of the body: the pattern matches wherever it starts
+# at a quote, so removing strings is one linear pass (a pattern that can fail on an unterminated
+# string would be tried again at every later quote: quadratic).
+_STRINGS = re.compile(rb'"(?:[^"\\]++|\\[\s\S]?)*+(?:"|\Z)')
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 _SIGNS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
@@ -365,7 +416,7 @@ def _safe_json(scope: Scope, body: bytes, api: bool) -> bytes:
     """Refuse JSON nested deeper than MAX_DEPTH (Python's parser would raise RecursionError, a
     500); replace lone surrogates (they cannot be encoded again, which ends Gradio's event
     stream) with U+FFFD. Other malformed JSON is left for the route to refuse."""
-    if "json" not in _header(scope, b"content-type"):
+    if "json" not in _header(scope, b"content-type").lower():
         return body
     if body.count(b"[") + body.count(b"{") > MAX_DEPTH and json_depth(body) > MAX_DEPTH:
         raise _Refused(400, f"The JSON body nests deeper than {MAX_DEPTH} levels; no request here needs that.", api)

@@ -50,6 +50,13 @@ class Limits:
                     "message (--max-message-chars). Shorten it, or split it over several messages."
                 )
 
+    def clamp(self, defaults: GenerationParams) -> GenerationParams:
+        """A model's default settings within the limits (a preset may default to more tokens than
+        this server allows; what a person asks for is checked, not clamped)."""
+        if defaults.max_new_tokens <= self.max_new_tokens:
+            return defaults
+        return defaults.replace(max_new_tokens=self.max_new_tokens)
+
     def check_params(self, params: GenerationParams) -> None:
         if params.max_new_tokens > self.max_new_tokens:
             raise TooLarge(
@@ -158,23 +165,34 @@ def _digest(secret: str) -> bytes:
 class Throttle:
     """Slows password guessing. After `free` failures for a key (a login name, a client address),
     each further try must wait twice as long as the last (1 s, 2 s, 4 s ... up to `max_s`); a
-    success clears the key. Bounded: the least recently seen keys are forgotten first."""
+    success clears the key, and so do `forget_s` without a failure. Bounded: past `max_keys`,
+    the least recently failed keys that are not locked are forgotten first (so a flood of new
+    names cannot wipe out a lock)."""
 
-    def __init__(self, free: int = 5, base_s: float = 1.0, max_s: float = 300.0, max_keys: int = 10_000,
-                 clock=time.monotonic) -> None:
-        self.free, self.base_s, self.max_s, self.max_keys, self.clock = free, base_s, max_s, max_keys, clock
-        self._keys: OrderedDict[str, tuple[int, float]] = OrderedDict()  # key -> (failures, next allowed)
+    def __init__(self, free: int = 5, base_s: float = 1.0, max_s: float = 300.0, forget_s: float = 900.0,
+                 max_keys: int = 100_000, clock=time.monotonic) -> None:
+        self.free, self.base_s, self.max_s, self.forget_s = free, base_s, max_s, forget_s
+        self.max_keys, self.clock = max_keys, clock
+        self._keys: OrderedDict[str, tuple[int, float, float]] = OrderedDict()  # failures, next allowed, last
 
     def retry_after(self, keys: Iterable[str]) -> float:
         now = self.clock()
-        return max((self._keys.get(k, (0, 0.0))[1] - now for k in keys), default=0.0)
+        return max((self._keys.get(k, (0, 0.0, 0.0))[1] - now for k in keys), default=0.0)
 
     def failed(self, keys: Iterable[str]) -> None:
         now = self.clock()
         for key in keys:
-            failures = self._keys.pop(key, (0, 0.0))[0] + 1
+            failures, _, last = self._keys.pop(key, (0, 0.0, now))
+            failures = 1 if now - last > self.forget_s else failures + 1
             wait = 0.0 if failures <= self.free else min(self.max_s, self.base_s * 2 ** (failures - self.free - 1))
-            self._keys[key] = (failures, now + wait)
+            self._keys[key] = (failures, now + wait, now)
+        if len(self._keys) > self.max_keys:
+            self._shrink(now)
+
+    def _shrink(self, now: float) -> None:
+        unlocked = [k for k, (_, allowed, _) in self._keys.items() if allowed <= now]
+        for key in unlocked[: len(self._keys) - self.max_keys]:
+            del self._keys[key]
         while len(self._keys) > self.max_keys:
             self._keys.popitem(last=False)
 

@@ -1,8 +1,9 @@
 """The state folder: what must outlive a restart of the server, and nothing that piles up.
 
-The browser keeps each chat in localStorage, encrypted with a secret that Gradio would make anew
-at each launch (so after a restart the page could not read its chat and overwrote it). The
-secret is kept here, or given by $CONFAB_SECRET. Exported chats need not survive a restart:
+The browser keeps each chat in localStorage, encrypted with a key that Gradio would make anew at
+each launch (so after a restart the page could not read its chat and overwrote it). The key is
+kept here, or given by $CONFAB_SECRET. It is no password: Gradio hands it to every browser with
+the page; it keeps other sites' scripts from reading the chat at rest, nothing more. Exported chats need not survive a restart:
 they go to one temporary folder per process (Gradio serves downloads from the temp folder
 only), old ones are removed as new ones come, and the folder goes at exit. Knows files, not Gradio.
 """
@@ -45,7 +46,7 @@ class StateDir:
 
     def browser_secret(self) -> str:
         """The key the page's saved chats are encrypted with: $CONFAB_SECRET, else a file here
-        made once (readable by this user only)."""
+        made once (private to this user, as the rest of the folder)."""
         if os.environ.get("CONFAB_SECRET"):
             return os.environ["CONFAB_SECRET"]
         path = self.path / "browser-secret"
