@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from backends.base import GenerationParams, Message
-from web.door import Door, Gate, SessionBook, json_depth
+from web.door import Door, Gate, SessionBook
+from web.jsonsafe import json_depth
 from web.policy import Access, Limits, Throttle, TooLarge
 
 

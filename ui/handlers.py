@@ -2,9 +2,9 @@
 
 Per-user state arrives as arguments (the chat, the system prompt, the sliders) and leaves as
 return values; the only per-user thing kept here is which sessions have a reply streaming (one
-at a time each). Who may do what is checked here, on the server, whatever the page shows:
-model actions are for operators (web.policy.Access), and every request is held to the limits.
-`BackendError` becomes `gr.Error` in `_shown` and `_reply`; operators also see its detail.
+at a time each). Every request is held to the server's limits here; the model panel's handlers,
+which only operators may use, are in ui/models.py (a base of Handlers). `BackendError` becomes
+`gr.Error` in `_shown` and `_reply`; operators also see its detail.
 """
 
 from __future__ import annotations
@@ -18,10 +18,7 @@ from typing import Any, Callable, Iterator
 
 import gradio as gr
 
-from backends import names as backend_names
 from backends.base import BackendError, GenerationParams, ModelSpec, Usage, valid_text
-from backends.hub import cached_models
-from backends.locate import guess_backend
 from backends.manager import ModelManager
 from backends.tools import Tool, Toolset, ToolStep, pick, stream_with_tools
 from web.policy import Access, Limits
@@ -32,21 +29,17 @@ from .chat import (
     clean_history,
     export_json,
     flatten,
-    format_status,
     import_json,
     params_from_ui,
     step_message,
     text_input,
     to_messages,
-    ui_values,
 )
+from .models import ModelPanel
 
 log = logging.getLogger(__name__)
-CUSTOM = "__custom__"
 FRAME_S = 0.04  # shortest time between two streamed updates of the page (25 per second)
 BUSY_WAIT_S = 1.0  # a second Send waits this long for the session's reply to end (a Stop in flight)
-OPERATORS_ONLY = ("Only this server's operator can load or unload models. You can chat with the model that is "
-                  "loaded; its name is in the status line.")
 
 
 def _shown(fn: Callable) -> Callable:
@@ -71,7 +64,7 @@ def _saved(history: list[dict], system: str) -> dict[str, Any]:
     return {"messages": clean_history(history), "system": system or ""}
 
 
-class Handlers:
+class Handlers(ModelPanel):
     def __init__(
         self,
         manager: ModelManager,
@@ -91,29 +84,6 @@ class Handlers:
         self.state = state or StateDir(default_state_dir())
         self._streaming: set[str] = set()  # sessions with a reply in flight
         self._streaming_changed = threading.Condition()
-
-    def defaults(self) -> GenerationParams:
-        """The loaded model's sampling defaults, within the server's limits."""
-        return self.limits.clamp(self.manager.default_params())
-
-    # ---- who is asking --------------------------------------------------------------------
-    def is_operator(self, request: gr.Request | None) -> bool:
-        return self.access.is_operator(getattr(request, "username", None))
-
-    def _operator(self, request: gr.Request | None, action: str) -> str:
-        """The operator's name for the log; a visitor gets a refusal, whatever their page shows."""
-        user = getattr(request, "username", None)
-        if not self.access.is_operator(user):
-            log.warning("refused %s for %s", action, f"login {user!r}" if user else "a visitor")
-            raise gr.Error(OPERATORS_ONLY, print_exception=False)
-        return user or "the owner (loopback)"
-
-    def _error(self, error: BackendError, request: gr.Request | None) -> gr.Error:
-        """The message a person sees: operators also get the detail (an upstream server's words)."""
-        if error.detail:
-            log.warning("%s (%s)", error, error.detail)
-        text = error.for_operator() if self.is_operator(request) else str(error)
-        return gr.Error(text, print_exception=False)
 
     # ---- replies -------------------------------------------------------------------------
     def respond(
@@ -336,94 +306,6 @@ class Handlers:
         history, system = import_json(text, self.limits)
         gr.Info(f"Imported {len(history)} messages.")
         return history, system, _saved(history, system)
-
-    # ---- models and settings --------------------------------------------------------------
-    def model_choices(self) -> list[tuple[str, str]]:
-        return [(spec.name, key) for key, spec in self.presets.items()] + [("Custom (path or hub id below)", CUSTOM)]
-
-    def spec_for(self, choice: str, custom: str, backend: str) -> ModelSpec:
-        if custom and custom.strip():
-            return custom_spec(custom.strip(), backend)
-        if choice in self.presets:
-            return self.presets[choice]
-        raise BackendError("Choose a preset, or type a hub id, folder or .gguf path in the box below it.")
-
-    def load_model(self, choice: str, custom: str, backend: str, request: gr.Request,
-                   progress=gr.Progress(track_tqdm=True)):
-        """Load (operators only): outputs status, then the sampling controls reset to the preset's defaults.
-        A failed load keeps (or loads again) the model there was, and says so."""
-        who = self._operator(request, "a model load")
-        try:
-            spec = self.spec_for(choice, custom, backend)
-            log.info("%s loads %s (%s: %s)", who, spec.name, spec.backend, spec.base_url or spec.model)
-            info = self.manager.load(spec, progress=lambda f, d: progress(f, desc=d))
-        except BackendError as e:
-            raise self._error(e, request) from e
-        gr.Info(f"Loaded {spec.name} in {info.get('load_s', 0):.1f} s.")
-        return [self._status_line(request), *ui_values(self.defaults()), self.tools_box()]
-
-    def unload_model(self, request: gr.Request) -> str:
-        who = self._operator(request, "a model unload")
-        log.info("%s unloads %s", who, self.manager.spec.name if self.manager.spec else "nothing")
-        self.manager.unload()
-        return self._status_line(request, note="model unloaded")
-
-    def status(self, request: gr.Request) -> str:
-        return self._status_line(request)
-
-    def _status_line(self, request: gr.Request | None, usage: Usage | None = None, note: str = "") -> str:
-        info = self.manager.describe()
-        if not self.is_operator(request) and str(info.get("device", "")).startswith("remote"):
-            # Its address (which may carry a key) is the operator's business: visitors see the name
-            # of the model it serves.
-            info.update(device="remote server", name=info.get("model") or "remote model")
-        return format_status(info, usage, note)
-
-    def watch(self, seen: int | None, request: gr.Request):
-        """Every few seconds: if the model changed (another user's load), refresh the status line
-        and the tools box. Outputs: the version seen, status, tools box."""
-        version = self.manager.version
-        if version == seen:
-            return gr.skip(), gr.skip(), gr.skip()
-        return version, self._status_line(request), self.tools_box()
-
-    def model_panel(self, request: gr.Request):
-        """The model panel as this person may use it: operators get the controls; visitors a
-        read-only name (the server refuses their loads anyway). Outputs: preset, model box,
-        downloaded models, backend, load, unload, note."""
-        if self.is_operator(request):
-            return (*[gr.skip()] * 6, gr.Markdown(visible=False))
-        note = "The model is chosen by this server's operator; its name is in the status line below the chat."
-        return (*[gr.update(visible=False)] * 6, gr.Markdown(note, visible=True))
-
-    def apply_sampling_preset(self, name: str) -> list[Any]:
-        overlay = self.sampling_presets.get(name, {})
-        return ui_values(GenerationParams.from_dict(overlay, base=self.defaults()))
-
-    @staticmethod
-    def backend_names() -> list[str]:
-        return backend_names()
-
-    def cached_models(self, request: gr.Request) -> gr.Dropdown:
-        """What is in the Hugging Face cache, for operators (visitors see nothing of the disk)."""
-        return gr.Dropdown(choices=cached_models() if self.is_operator(request) else [])
-
-    def pick_cached(self, repo: str | None, backend: str, request: gr.Request):
-        """A downloaded model was picked: put it in the model box with a backend that loads it."""
-        if not repo or not self.is_operator(request):
-            return gr.skip(), gr.skip()
-        return repo, "llamacpp" if repo.lower().endswith(".gguf") else backend
-
-
-def custom_spec(text: str, backend: str | None) -> ModelSpec:
-    """What the model box holds -> a ModelSpec. A URL means a remote OpenAI-compatible server."""
-    if text.startswith(("http://", "https://")):
-        url = text.rstrip("/")
-        return ModelSpec(name=url, backend="openai", model="auto",
-                         base_url=url if url.endswith("/v1") else url + "/v1")
-    if backend in ("openai", None, ""):
-        backend = guess_backend(text)
-    return ModelSpec(name=Path(text).name or text, backend=backend, model=text)
 
 
 def _texts(message: Any, system_prompt: Any) -> tuple[str, str]:

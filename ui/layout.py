@@ -12,7 +12,8 @@ import gradio as gr
 from backends.base import GenerationParams
 
 from .chat import PARAM_FIELDS, ui_values
-from .handlers import CUSTOM, Handlers
+from .handlers import Handlers
+from .models import CUSTOM
 
 CSS = """
 #status { min-height: 1.5em; font-size: 0.9em; opacity: 0.85; }

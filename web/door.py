@@ -12,7 +12,6 @@ no engine, no page layout.
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import json
 import logging
 import re
@@ -25,8 +24,7 @@ import anyio
 
 from starlette.requests import cookie_parser
 
-from backends.base import valid_text
-
+from .jsonsafe import TooDeep, safe_json
 from .policy import Access, Limits, Throttle
 
 log = logging.getLogger(__name__)
@@ -35,7 +33,6 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-MAX_DEPTH = 64  # JSON nesting; a chat request needs about 6
 # What a browser without a login may fetch: the login page and what it is drawn with (measured
 # with a real browser: the page, its scripts, styles and fonts, then POST /login).
 # Gradio's launch() itself calls startup-events without a login; it only runs them once.
@@ -402,50 +399,15 @@ def _json_field(body: bytes | None, name: str) -> Any:
     return data.get(name) if isinstance(data, dict) else None
 
 
-# ---- JSON that cannot hurt -----------------------------------------------------------------
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-# A string, or an unterminated one up to the end of the body: the pattern matches wherever it starts
-# at a quote, so removing strings is one linear pass (a pattern that can fail on an unterminated
-# string would be tried again at every later quote: quadratic).
-_STRINGS = re.compile(rb'"(?:[^"\\]++|\\[\s\S]?)*+(?:"|\Z)')
-_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
-_SIGNS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
-
-
 def _safe_json(scope: Scope, body: bytes, api: bool) -> bytes:
-    """Refuse JSON nested deeper than MAX_DEPTH (Python's parser would raise RecursionError, a
-    500); replace lone surrogates (they cannot be encoded again, which ends Gradio's event
-    stream) with U+FFFD. Other malformed JSON is left for the route to refuse."""
+    """JSON bodies through web.jsonsafe: too deep is refused, lone surrogates are replaced."""
     if "json" not in _header(scope, b"content-type").lower():
         return body
-    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and json_depth(body) > MAX_DEPTH:
-        raise _Refused(400, f"The JSON body nests deeper than {MAX_DEPTH} levels; no request here needs that.", api)
-    if not _SURROGATE_ESCAPE.search(body):
-        return body
     try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return body
-    fixed = replace_lone_surrogates(data)
-    if fixed == data:  # the escapes were whole pairs: nothing to replace
-        return body
-    new = json.dumps(fixed, ensure_ascii=False).encode("utf-8")
-    scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
-    scope["headers"].append((b"content-length", str(len(new)).encode()))
+        new = safe_json(body)
+    except TooDeep as e:
+        raise _Refused(400, str(e), api) from None
+    if new is not body:
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        scope["headers"].append((b"content-length", str(len(new)).encode()))
     return new
-
-
-def json_depth(body: bytes) -> int:
-    """How deep a JSON text's arrays and objects nest (strings removed first), at C speed."""
-    skeleton = _STRINGS.sub(b"", body).translate(None, _NOT_BRACKETS).translate(_SIGNS)
-    return max(itertools.accumulate(memoryview(skeleton).cast("b")), default=0)
-
-
-def replace_lone_surrogates(value: Any) -> Any:
-    if isinstance(value, str):
-        return valid_text(value)
-    if isinstance(value, list):
-        return [replace_lone_surrogates(v) for v in value]
-    if isinstance(value, dict):
-        return {replace_lone_surrogates(k): replace_lone_surrogates(v) for k, v in value.items()}
-    return value
