@@ -305,11 +305,30 @@ class ModelSpec:
         return GenerationParams.from_dict(self.sampling)
 
 
+@dataclass(frozen=True)
+class Job:
+    """A reply ready to run: the conversation fitted to the context (and rendered, for engines
+    that take token ids), before it takes an engine slot."""
+
+    messages: list[Message]
+    params: GenerationParams
+    prompt: Prompt | None = None  # None: the engine applies the chat template itself
+    dropped: int = 0
+
+
 class Backend(Protocol):
+    """`prepare` fits a conversation to the context without holding the engine (the manager calls
+    it before a reply waits in line); `run` generates it; `stream` is the two in one."""
+
     name: ClassVar[str]
     n_ctx: int
 
     def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> None: ...
+
+    def prepare(self, messages: list[Message], params: GenerationParams,
+                tools: list[dict[str, Any]] | None = None) -> Job: ...
+
+    def run(self, job: Job, session_id: str | None = None) -> Iterator[Chunk]: ...
 
     def stream(
         self, messages: list[Message], params: GenerationParams, session_id: str | None = None

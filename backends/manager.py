@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from . import create
-from .base import (BackendError, Backend, Chunk, GenerationParams, Message, ModelSpec, NotLoaded, ParamError,
+from .base import (BackendError, Backend, Chunk, GenerationParams, Job, Message, ModelSpec, NotLoaded, ParamError,
                    ProgressFn, Prompt)
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,11 @@ class ModelManager:
 
     def _restore(self, previous: ModelSpec, error: BackendError) -> BackendError:
         log.warning("loading failed (%s); loading %s again", error, previous.name)
+        backend = create(previous)
         try:
-            self._load_locked(create(previous), previous, None)
+            self._load_locked(backend, previous, None)
         except BackendError as again:
+            _discard(backend)
             return BackendError(f"{error} Loading {previous.name} again failed too ({again}); no model is loaded.")
         return BackendError(f"{error} {previous.name} is still loaded.")
 
@@ -169,10 +171,7 @@ class ModelManager:
                     self._cond.wait(0.5)
             if self._backend is not backend:  # the model changed while this reply waited
                 backend, job = self._prepared(messages, params, tools)
-            if job is None:
-                yield from backend.stream(messages, params, session_id, **({"tools": tools} if tools else {}))
-            else:
-                yield from backend.run(job, session_id)
+            yield from backend.run(job, session_id)
         finally:
             with self._cond:
                 if admitted:
@@ -182,16 +181,15 @@ class ModelManager:
                 self._cond.notify_all()
 
     def _prepared(self, messages: list[Message], params: GenerationParams,
-                  tools: list[dict[str, Any]] | None) -> tuple[Backend, Any]:
-        """The backend and the conversation fitted and rendered for it, where the backend can do
-        that apart from generating. A load or unload waits for this (it tokenizes with the model)."""
+                  tools: list[dict[str, Any]] | None) -> tuple[Backend, Job]:
+        """The backend and the conversation fitted and rendered for it. A load or unload waits
+        for this (it tokenizes with the model)."""
         with self._cond:
             self._cond.wait_for(lambda: not self._swapping)
             backend = self._require()
             self._preparing += 1
         try:
-            prepare = getattr(backend, "prepare", None)
-            return backend, prepare(messages, params, tools) if prepare is not None else None
+            return backend, backend.prepare(messages, params, tools)
         finally:
             with self._cond:
                 self._preparing -= 1

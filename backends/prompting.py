@@ -7,10 +7,10 @@ module turns them into token ids and `Chunk`s. It knows no engine and no UI.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-from .base import BackendError, Chunk, Clock, ContextOverflow, GenerationParams, Message, ModelSpec, NotLoaded, Prompt, Usage
+from .base import (BackendError, Chunk, Clock, ContextOverflow, GenerationParams, Job, Message, ModelSpec,
+                   NotLoaded, Prompt, Usage)
 from .templates import Segment, render_text
 
 Encode = Callable[[str, bool], list[int]]  # (text, parse control tokens?) -> ids
@@ -162,17 +162,6 @@ def chunks_from_deltas(
         if close:
             close()
     yield Chunk("", finish_reason=finish, usage=clock.fill(usage))
-
-
-@dataclass(frozen=True)
-class Job:
-    """A reply ready to run: the conversation fitted to the context (and rendered, for engines
-    that take token ids), before it takes an engine slot."""
-
-    messages: list[Message]
-    params: GenerationParams
-    prompt: Prompt | None = None  # None: the engine applies the chat template itself
-    dropped: int = 0
 
 
 class LocalEngine:

@@ -9,7 +9,7 @@ import threading
 import time
 
 from backends import register
-from backends.base import BackendError, Clock, GenerationParams, Message, Prompt, Usage
+from backends.base import BackendError, Clock, GenerationParams, Job, Message, Prompt, Usage
 from backends.prompting import chunks_from_deltas, fit_context
 
 
@@ -34,11 +34,17 @@ class FakeEngineBackend:
         text = "".join(f"{m.role}:{m.content}\n" for m in messages)
         return Prompt(text, [ord(c) % 50 for c in text.split()[0]] * len(text.split()))
 
-    def stream(self, messages, params: GenerationParams, session_id=None):
-        clock = Clock()
+    def prepare(self, messages, params: GenerationParams, tools=None) -> Job:
         prompt, dropped = fit_context(self.render, messages, params, self.n_ctx)
-        usage = Usage(prompt_tokens=len(prompt.token_ids), dropped_messages=dropped)
-        yield from chunks_from_deltas(self._deltas(params), params, usage, clock)
+        return Job(messages, params, prompt, dropped)
+
+    def run(self, job: Job, session_id=None):
+        clock = Clock()
+        usage = Usage(prompt_tokens=len(job.prompt.token_ids), dropped_messages=job.dropped)
+        yield from chunks_from_deltas(self._deltas(job.params), job.params, usage, clock)
+
+    def stream(self, messages, params: GenerationParams, session_id=None):
+        yield from self.run(self.prepare(messages, params), session_id)
 
     def _deltas(self, params):
         try:

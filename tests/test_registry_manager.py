@@ -155,18 +155,13 @@ def test_a_waiting_reply_that_is_cancelled_leaves_the_line():
 
 def test_a_load_waits_for_a_reply_being_prepared():
     """Fitting a chat tokenizes with the loaded model: a swap must not free it meanwhile."""
-    from backends.prompting import Job
-
     started, release = threading.Event(), threading.Event()
 
     class Preparing(FakeEngineBackend):
         def prepare(self, messages, params, tools=None):
             started.set()
             release.wait(5)
-            return Job(messages, params)
-
-        def run(self, job, session_id=None):
-            yield from self.stream(job.messages, job.params, session_id)
+            return super().prepare(messages, params, tools)
 
     if "fake-preparing" not in backends.names():
         backends.register("fake-preparing")(Preparing)

@@ -170,13 +170,13 @@ def import_json(text: str, limits: Limits | None = None) -> tuple[list[dict[str,
     if not isinstance(data, list):
         raise ParamError(f"The file holds a {type(data).__name__}, not a list of messages. {hint}")
     limits = limits or Limits()
-    limits.check_texts([("message", "")] * len(data))
+    limits.check_count(len(data))
     system, messages = "", []
     for i, item in enumerate(data, 1):
         if not isinstance(item, dict) or "role" not in item or "content" not in item:
             raise ParamError(f"Message {i} has no role or no content. {hint}")
         role, content = item["role"], flatten(item["content"])
-        limits.check_texts([(f"Message {i}", content)])
+        limits.check_text(f"Message {i}", content)
         if role == "system":
             system = content
         elif role in ("user", "assistant", "tool"):

@@ -106,8 +106,7 @@ class Handlers(ModelPanel):
         """Send: show the user's message at once, then stream the reply. Outputs: input, chat, status, saved."""
         values = dict(zip(PARAM_FIELDS, (temperature, top_p, top_k, min_p, max_new_tokens,
                                          repetition_penalty, do_sample, seed, stop)))
-        text, system_prompt = _texts(message, system_prompt)
-        text = text.strip()
+        text, system_prompt = _text(message, "The message").strip(), _text(system_prompt)
         if not text:
             gr.Warning("Type a message first.")
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -119,7 +118,7 @@ class Handlers(ModelPanel):
     # Gradio fills annotated Request/EditData parameters only before a *args, hence their place.
     # `values` is the sampling controls in PARAM_FIELDS order, then the "Use tools" box.
     def regenerate(self, request: gr.Request, history: list[dict], system_prompt: str, *values: Any):
-        _, system_prompt = _texts(None, system_prompt)
+        system_prompt = _text(system_prompt)
         history = self._checked(history, system_prompt)
         while history and history[-1]["role"] == "assistant":
             history.pop()
@@ -135,7 +134,7 @@ class Handlers(ModelPanel):
         index = edit.index[0] if isinstance(edit.index, (list, tuple)) and edit.index else edit.index
         if not isinstance(history, list) or not isinstance(index, int) or not 0 <= index < len(history):
             raise gr.Error("That message is no longer in the chat; reload the page.", print_exception=False)
-        _, system_prompt = _texts(None, system_prompt)
+        system_prompt = _text(system_prompt)
         history = self._checked(history[:index], system_prompt,
                                 extra=[{"role": "user", "content": valid_text(flatten(edit.value))}])
         params, toolset = self._controls(values)
@@ -146,10 +145,11 @@ class Handlers(ModelPanel):
         (the count is checked before any work is done on it)."""
         raw = history if isinstance(history, list) else []
         try:
-            self.limits.check_texts([("message", "")] * (len(raw) + len(extra)))
+            self.limits.check_count(len(raw) + len(extra))
             chat = clean_history(raw) + list(extra)
-            self.limits.check_texts([("The system prompt", system_prompt or "")] +
-                                    [(f"Message {i}", m["content"]) for i, m in enumerate(chat, 1)])
+            self.limits.check_text("The system prompt", system_prompt or "")
+            for i, m in enumerate(chat, 1):
+                self.limits.check_text(f"Message {i}", m["content"])
         except BackendError as e:
             raise gr.Error(str(e), print_exception=False) from e
         return chat
@@ -265,7 +265,7 @@ class Handlers(ModelPanel):
     @_shown
     def undo(history: list[dict], system_prompt: str):
         """Remove the last exchange and put its message back in the input box."""
-        _, system_prompt = _texts(None, system_prompt)
+        system_prompt = _text(system_prompt)
         history = clean_history(history)
         while history and history[-1]["role"] == "assistant":
             history.pop()
@@ -275,7 +275,7 @@ class Handlers(ModelPanel):
     @staticmethod
     @_shown
     def clear(system_prompt: str):
-        return "", [], _saved([], _texts(None, system_prompt)[1])
+        return "", [], _saved([], _text(system_prompt))
 
     def restore(self, saved: dict | None):
         """The chat saved in the browser (the page's own copy: checked like any input)."""
@@ -287,11 +287,11 @@ class Handlers(ModelPanel):
     @staticmethod
     @_shown
     def save(history: list[dict], system_prompt: str):
-        return _saved(history, _texts(None, system_prompt)[1])
+        return _saved(history, _text(system_prompt))
 
     @_shown
     def export_chat(self, history: list[dict], system_prompt: str) -> str:
-        _, system_prompt = _texts(None, system_prompt)
+        system_prompt = _text(system_prompt)
         name = f"confab-chat-{time.strftime('%Y%m%d-%H%M%S')}.json"
         return str(self.state.export(name, export_json(self._checked(history, system_prompt), system_prompt)))
 
@@ -308,10 +308,10 @@ class Handlers(ModelPanel):
         return history, system, _saved(history, system)
 
 
-def _texts(message: Any, system_prompt: Any) -> tuple[str, str]:
-    """The message box and the system prompt as text (events take raw payloads)."""
+def _text(value: Any, what: str = "The system prompt") -> str:
+    """A text box's raw value as text (events take raw payloads), or a message saying it is not."""
     try:
-        return text_input(message, "The message"), text_input(system_prompt, "The system prompt")
+        return text_input(value, what)
     except BackendError as e:
         raise gr.Error(str(e), print_exception=False) from e
 

@@ -140,12 +140,12 @@ def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, controls, sav
     reply_out = [c["input"], c["chatbot"], c["status"], saved]
     # "multiple": a second Send while a reply streams reaches the server, which says why it waits,
     # instead of being dropped by the page without a word.
-    reply_opts = dict(concurrency_limit=concurrency, concurrency_id="reply", show_progress="minimal",
-                      trigger_mode="multiple", preprocess=False)
     # preprocess=False: handlers take the raw chat and controls and check them themselves, with
     # messages that say what is wrong (Gradio's own check of a malformed chat has none, and it
     # validates every message of a long chat one by one).
     raw = dict(preprocess=False)
+    reply_opts = dict(concurrency_limit=concurrency, concurrency_id="reply", show_progress="minimal",
+                      trigger_mode="multiple", **raw)
     send_args = dict(fn=h.respond, inputs=[c["input"], c["chatbot"], system, *controls], outputs=reply_out)
     replies = [
         c["input"].submit(**send_args, api_name="respond", **reply_opts),

@@ -39,7 +39,7 @@ class ModelPanel:
     def _operator(self, request: gr.Request | None, action: str) -> str:
         """The operator's name for the log; a visitor gets a refusal, whatever their page shows."""
         user = getattr(request, "username", None)
-        if not self.access.is_operator(user):
+        if not self.is_operator(request):
             log.warning("refused %s for %s", action, f"login {user!r}" if user else "a visitor")
             raise gr.Error(OPERATORS_ONLY, print_exception=False)
         return user or "the owner (loopback)"
@@ -102,8 +102,8 @@ class ModelPanel:
         return version, self._status_line(request), self.tools_box()
 
     def model_panel(self, request: gr.Request):
-        """The model panel as this person may use it: operators get the controls; visitors a
-        read-only name (the server refuses their loads anyway). Outputs: preset, model box,
+        """The model panel as this person may use it: operators get the controls; visitors a note
+        in their place (the server refuses their loads anyway). Outputs: preset, model box,
         downloaded models, backend, load, unload, note."""
         if self.is_operator(request):
             return (*[gr.skip()] * 6, gr.Markdown(visible=False))

@@ -225,7 +225,7 @@ class Door:
             raise _Refused(401, _api_advice(access), True, kind="invalid_api_key",
                            headers=[(b"www-authenticate", b'Basic realm="confab"')] if access.logins else [])
         if identity is not None and header:
-            throttle.succeeded(keys)
+            throttle.succeeded([k for k in keys if k.startswith("user:")])  # an address's count stays, as for /login
         scope.setdefault("state", {})["confab_identity"] = identity or f"addr:{_client(scope)}"
 
     async def _login(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:

@@ -36,19 +36,26 @@ class Limits:
     messages: int = 1_000  # --max-messages
     max_new_tokens: int = 4_096  # --max-new-tokens
 
-    def check_texts(self, texts: Sequence[tuple[str, str]]) -> None:
-        """(where, text) pairs: a conversation's messages, a system prompt, a message being sent."""
-        if len(texts) > self.messages:
+    def check_count(self, n: int) -> None:
+        """How many messages one conversation holds (checked before any work is done on them)."""
+        if n > self.messages:
             raise TooLarge(
-                f"This conversation has {len(texts):,} messages; this server takes at most {self.messages:,} "
+                f"This conversation has {n:,} messages; this server takes at most {self.messages:,} "
                 "(--max-messages). Start a new chat, or export this one and keep its latest part."
             )
+
+    def check_text(self, where: str, text: str) -> None:
+        if len(text) > self.message_chars:
+            raise TooLarge(
+                f"{where} is {len(text):,} characters; this server takes at most {self.message_chars:,} per "
+                "message (--max-message-chars). Shorten it, or split it over several messages."
+            )
+
+    def check_texts(self, texts: Sequence[tuple[str, str]]) -> None:
+        """(where, text) pairs: a conversation's messages, a system prompt, a message being sent."""
+        self.check_count(len(texts))
         for where, text in texts:
-            if len(text) > self.message_chars:
-                raise TooLarge(
-                    f"{where} is {len(text):,} characters; this server takes at most {self.message_chars:,} per "
-                    "message (--max-message-chars). Shorten it, or split it over several messages."
-                )
+            self.check_text(where, text)
 
     def clamp(self, defaults: GenerationParams) -> GenerationParams:
         """A model's default settings within the limits (a preset may default to more tokens than
