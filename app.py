@@ -33,6 +33,7 @@ class Settings:
     admins: list[str] = field(default_factory=list)
     api_keys: list[str] = field(default_factory=list)
     concurrency: int | None = None  # None: as many replies as the engine batches
+    swap_grace: float = 5.0  # seconds a load or unload lets replies in flight finish before stopping them
     presets_dir: Path = HERE / "presets"
     tools_dir: Path = HERE / "tools"
     state_dir: Path | None = None  # None: web.state.default_state_dir()
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=None,
                    help="most replies generated at once; others wait in line and see their place "
                    "(default: what the engine batches, 8 for llama.cpp, 1 for transformers)")
+    p.add_argument("--swap-grace", type=float, default=5.0, metavar="SECONDS",
+                   help="when a model is loaded or unloaded, replies still being written get this long to "
+                   "finish; the rest are stopped and their users told why (default %(default)s)")
     p.add_argument("--max-body", default="8MB", metavar="SIZE",
                    help="largest request or upload, e.g. 8MB or 500KB (default %(default)s)")
     p.add_argument("--max-message-chars", type=int, default=100_000, metavar="N",
@@ -124,6 +128,8 @@ def parse_size(text: str) -> int:
 def settings_from(args: argparse.Namespace) -> Settings:
     if args.concurrency is not None and args.concurrency < 1:
         raise SystemExit("--concurrency must be at least 1.")
+    if not 0 <= args.swap_grace <= 3600:
+        raise SystemExit("--swap-grace must be from 0 to 3600 seconds.")
     for flag in ("max_message_chars", "max_messages", "max_new_tokens"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1.")
@@ -133,7 +139,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         preset=args.preset, model=args.model, backend=args.backend, host=args.host, port=args.port,
         share=args.share, auth=read_auth(args.auth, args.auth_file), admins=args.admin + _env_list("CONFAB_ADMINS"),
         api_keys=args.api_key + _env_list("CONFAB_API_KEY"), concurrency=args.concurrency,
-        presets_dir=args.presets_dir, tools_dir=args.tools_dir, state_dir=args.state_dir, load=not args.no_load,
+        swap_grace=args.swap_grace, presets_dir=args.presets_dir, tools_dir=args.tools_dir, state_dir=args.state_dir, load=not args.no_load,
         limits=limits,
     )
 
@@ -194,7 +200,7 @@ def terminal(settings: Settings, presets: dict, spec) -> None:
     except BackendError as e:
         raise SystemExit(f"Could not load {spec.name}: {e}") from None
     try:
-        TerminalChat(manager, presets).run()
+        TerminalChat(manager, presets, tools=load_tools(settings.tools_dir, presets)).run()
     finally:
         manager.unload()
 
@@ -220,7 +226,7 @@ def serve(settings: Settings, presets: dict, sampling: dict, key: str | None, sp
     # SIGTERM (systemd, docker stop, kill) becomes a normal exit, so atexit stops any engine
     # server this process started instead of leaving it orphaned.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    manager = ModelManager(max_concurrent=settings.concurrency)
+    manager = ModelManager(max_concurrent=settings.concurrency, swap_grace_s=settings.swap_grace)
     if settings.load:
         try:
             manager.load(spec)
@@ -244,7 +250,7 @@ def serve(settings: Settings, presets: dict, sampling: dict, key: str | None, sp
         app_kwargs={"middleware": [Middleware(Door, gate=gate)], "openapi_url": None},
     )
     gate.gradio = demo.app  # the door reads Gradio's login cookie from here
-    add_openai_api(demo.app, manager, presets, limits)
+    add_openai_api(demo.app, manager, presets, limits, handlers.preset_tools)
     log.info("OpenAI-compatible API at %s/v1", demo.local_url.rstrip("/"))
     for line in access.summary():
         log.info("%s", line)
@@ -255,7 +261,7 @@ def serve(settings: Settings, presets: dict, sampling: dict, key: str | None, sp
 def load_tools(folder: Path, presets: dict) -> dict:
     """The tools folder's tools; a preset that names a missing tool stops the start-up."""
     from backends.base import BackendError
-    from backends.tools import load_tools_dir, pick
+    from chat.tools import load_tools_dir, pick
 
     try:
         tools = load_tools_dir(folder) if folder.is_dir() else {}
@@ -269,7 +275,7 @@ def load_tools(folder: Path, presets: dict) -> dict:
     return tools
 
 
-def add_openai_api(app, manager, presets: dict, limits) -> None:
+def add_openai_api(app, manager, presets: dict, limits, server_tools=lambda: None) -> None:
     """Serve /v1 on the page's own server; its routes go first so nothing of Gradio's shadows them.
     Who may call it is the door's business (web/door.py)."""
     from api.openai_api import build_router
@@ -278,7 +284,7 @@ def add_openai_api(app, manager, presets: dict, limits) -> None:
         return next((k for k, s in presets.items() if s == manager.spec), manager.spec.model)
 
     before = len(app.router.routes)
-    app.include_router(build_router(manager, model_id, limits))
+    app.include_router(build_router(manager, model_id, limits, server_tools))
     app.router.routes[:] = app.router.routes[before:] + app.router.routes[:before]
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """The terminal chat: `python app.py chat [--preset NAME]`, the same manager as the page.
 
-Replies stream as they are generated; Ctrl-C stops a reply (the engine stops within a token),
-not the program; Ctrl-D or /quit leaves. Commands: /reset, /system TEXT, /params key=value ...,
-/load PRESET, /save FILE, /help. Knows the manager and presets, not Gradio or HTTP.
+Replies stream as they are generated; the loaded preset's tools run as they do in the page;
+Ctrl-C stops a reply (the engine stops within a token), not the program; Ctrl-D or /quit
+leaves. A stopped or failed reply keeps what it said, as in the page. Commands: /reset,
+/system TEXT, /params key=value ..., /load PRESET, /save FILE, /help. Knows the manager, the
+chat layer and presets, not Gradio or HTTP.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any, Callable, TextIO
 
 from backends.base import BackendError, GenerationParams, Message
 from backends.manager import ModelManager
+from chat.reply import Text
+from chat.tools import Tool, Toolset, ToolStep, pick
 
 HELP = """Commands:
   /reset               start a new conversation (keeps the system prompt)
@@ -28,8 +32,9 @@ HELP = """Commands:
 
 class TerminalChat:
     def __init__(self, manager: ModelManager, presets: dict, out: TextIO = sys.stdout,
-                 read: Callable[[str], str] = input) -> None:
+                 read: Callable[[str], str] = input, tools: dict[str, Tool] | None = None) -> None:
         self.manager, self.presets, self.out, self.read = manager, presets, out, read
+        self.tools = tools or {}  # the tools folder's tools; the loaded preset switches some on
         self.history: list[Message] = []
         self.system = ""
         self.params = manager.default_params()
@@ -62,24 +67,33 @@ class TerminalChat:
     def reply(self, text: str) -> None:
         self.history.append(Message("user", text))
         messages = ([Message("system", self.system)] if self.system else []) + self.history
-        stream = self.manager.stream(messages, self.params)
-        parts: list[str] = []
+        reply = self.manager.reply(messages, self.params, tools=self._toolset())
         self.say("bot> ", end="")
         try:
-            for chunk in stream:
-                if chunk.waiting is not None:
-                    continue
-                parts.append(chunk.text)
-                self.say(chunk.text, end="")
-            self.say()
+            for event in reply:
+                if isinstance(event, Text):
+                    self.say(event.text, end="")
+                elif isinstance(event, ToolStep):
+                    self.say(f"\n[{event.title} -> {event.output[:200]}]\nbot> ", end="")
         except KeyboardInterrupt:
-            stream.close()  # stops the engine within one token
+            reply.cancel()  # the engine stops within one token
+        self.history += reply.turn()  # what was said is kept, whatever ended the reply
+        if reply.error is not None:
+            self.say(f"\n[error] {reply.error}")
+        elif reply.finish_reason == "cancelled":
             self.say(" [stopped]")
+        else:
+            self.say()
+
+    def _toolset(self) -> Toolset | None:
+        spec = self.manager.spec
+        if spec is None or not spec.tools:
+            return None
+        try:
+            return Toolset(pick(self.tools, spec.tools, "tools in the tools folder"))
         except BackendError as e:
-            self.say(f"\n[error] {e}")
-            self.history.pop()  # keep the conversation as it was before the failed turn
-            return
-        self.history.append(Message("assistant", "".join(parts)))
+            self.say(f"[error] {e} Answering without tools.")
+            return None
 
     def command(self, line: str) -> str | None:
         name, _, rest = line.partition(" ")

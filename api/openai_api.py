@@ -1,29 +1,34 @@
 """The OpenAI-compatible HTTP API, served on the same server as the page.
 
 GET /v1/models and POST /v1/chat/completions (streamed as server-sent events, or whole), over
-the same `ModelManager.stream` as the UI. Errors use OpenAI's error shape and status codes:
-400 bad parameters (naming the field), 404 unknown model, 503 no model loaded or the engine
-failed. Who may call it (401) and how big a body may be (413) is the door's business
-(web/door.py), which also tells each route who the caller is: cached tokens are reused only
-within one caller, whatever `user` says. A client that goes away closes the reply's generator,
-which stops the engine. Knows HTTP, not Gradio or engines.
+the same `Reply` as the page (chat/reply.py). Client-side `tools=` come back as `tool_calls`
+with finish_reason "tool_calls" (the client runs them and sends `tool` messages); a preset's
+server-side tools are run here when the client sends none. Errors use OpenAI's error shape and
+status codes: 400 bad parameters (naming the field), 404 unknown model, 503 no model loaded or
+the engine failed. Who may call it (401) and how big a body may be (413) is the door's
+business (web/door.py), which also tells each route who the caller is: cached tokens are
+reused only within one caller, whatever `user` says. A client that goes away, streamed or
+not, cancels its reply, which stops the engine. Knows HTTP, not Gradio or engines.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable
 
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
-from starlette.concurrency import run_in_threadpool
 
-from backends.base import BackendError, Chunk, ContextOverflow, GenerationParams, Message, NotLoaded, ParamError, Usage
+from backends.base import BackendError, ContextOverflow, GenerationParams, Message, ParamError, Usage
 from backends.manager import ModelManager
+from chat.formats import ToolCall, ToolFormat
+from chat.reply import Reply, Text, tool_format
+from chat.tools import Toolset
 from web.policy import Limits
 
 
@@ -46,6 +51,9 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int = 1
     user: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
 
 
 class ApiError(Exception):
@@ -80,7 +88,9 @@ def _content(value: Any, index: int) -> str:
     return "".join(texts)
 
 
-def to_messages(raw: list[Any], limits: Limits) -> list[Message]:
+def to_messages(raw: list[Any], limits: Limits, fmt: ToolFormat | None = None) -> list[Message]:
+    """OpenAI messages -> Messages. An assistant message's `tool_calls` are written as the model
+    writes calls (`fmt`), so it sees its earlier calls as it made them."""
     if not raw:
         raise _bad("messages must hold at least one message.", "messages")
     out = []
@@ -90,8 +100,12 @@ def to_messages(raw: list[Any], limits: Limits) -> list[Message]:
         role = item.get("role")
         if role == "developer":  # OpenAI's newer name for the system role
             role = "system"
+        content = _content(item.get("content"), i)
+        if role == "assistant" and item.get("tool_calls") and fmt is not None:
+            calls = _tool_calls(item["tool_calls"], i)
+            content = f"{content}\n{fmt.write(calls)}" if content.strip() else fmt.write(calls)
         try:
-            out.append(Message(role, _content(item.get("content"), i)))
+            out.append(Message(role, content))
         except ParamError as e:
             raise _bad(f"messages[{i}]: {e}", f"messages[{i}].role") from e
     if out[-1].role not in ("user", "tool"):
@@ -104,6 +118,39 @@ def to_messages(raw: list[Any], limits: Limits) -> list[Message]:
     return out
 
 
+def _tool_calls(raw: Any, index: int) -> list[ToolCall]:
+    where = f"messages[{index}].tool_calls"
+    items = raw if isinstance(raw, list) else [None]
+    calls = [ToolCall.from_data({"id": c.get("id"), **c["function"]}) if isinstance(c, dict)
+             and isinstance(c.get("function"), dict) else None for c in items]
+    if None in calls:
+        raise _bad(f'{where} must be a list of {{"id", "type": "function", "function": {{"name", "arguments"}}}}, '
+                   "arguments being a JSON object (as text).", where)
+    return calls
+
+
+def client_tools(req: "ChatRequest") -> list[dict[str, Any]] | None:
+    """The client's `tools=`, checked, narrowed by `tool_choice` ("none" sends none)."""
+    choice = req.tool_choice
+    if not req.tools or choice == "none":
+        return None
+    for j, t in enumerate(req.tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if t.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise _bad(f'tools[{j}] must be {{"type": "function", "function": {{"name", "description", "parameters"}}}}.',
+                       f"tools[{j}]")
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
+        chosen = [t for t in req.tools if t["function"]["name"] == name]
+        if not chosen:
+            raise _bad(f"tool_choice names {name!r}, which is not among the tools.", "tool_choice")
+        return chosen
+    if choice not in (None, "auto", "required"):
+        raise _bad(f'tool_choice must be "none", "auto", "required" or {{"type": "function", "function": '
+                   f'{{"name": ...}}}}, got {choice!r}.', "tool_choice")
+    return req.tools
+
+
 def _bad(message: str, param: str | None = None) -> "ApiError":
     return ApiError(400, message, "invalid_request_error", param)
 
@@ -111,10 +158,6 @@ def _bad(message: str, param: str | None = None) -> "ApiError":
 def to_params(req: ChatRequest, base: GenerationParams, limits: Limits) -> GenerationParams:
     if req.n != 1:
         raise _bad("Only n=1 is supported: ask again for another answer.", "n")
-    if (req.model_extra or {}).get("tools"):
-        # Answering as if the tools were not there would look like a model that ignores them.
-        raise _bad("This API does not take client-side tools (tools=) yet. Leave tools out, or switch on "
-                   "server-side tools in the model's preset (tools = [...]) and use the page.", "tools")
     changes: dict[str, Any] = {
         "max_new_tokens": req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
         "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
@@ -131,8 +174,10 @@ def to_params(req: ChatRequest, base: GenerationParams, limits: Limits) -> Gener
     return params
 
 
-def build_router(manager: ModelManager, model_id: Any, limits: Limits | None = None) -> APIRouter:
-    """`model_id()` names the loaded model (its preset key) for /v1/models and the `model` field."""
+def build_router(manager: ModelManager, model_id: Any, limits: Limits | None = None,
+                 server_tools: Callable[[], Toolset | None] = lambda: None) -> APIRouter:
+    """`model_id()` names the loaded model (its preset key) for /v1/models and the `model` field;
+    `server_tools()` is the loaded preset's own tools, run here for clients that send none."""
     router = APIRouter(prefix="/v1")
     limits = limits or Limits()
 
@@ -163,19 +208,39 @@ def build_router(manager: ModelManager, model_id: Any, limits: Limits | None = N
         try:
             req = await _read(request)
             name = loaded_id(req.model)
-            messages, params = to_messages(req.messages, limits), to_params(req, limits.clamp(manager.default_params()), limits)
+            messages = to_messages(req.messages, limits, tool_format(manager))
+            params = to_params(req, limits.clamp(manager.default_params()), limits)
+            tools = client_tools(req)
         except ApiError as e:
             return e.response()
-        reply = Reply(manager, name, messages, params, owner(request, req.user))
+        reply = manager.reply(messages, params, owner(request, req.user), tools=None if tools else server_tools())
+        reply.client_tools = tools
+        completion = Completion(reply, name)
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(reply.events(include_usage), media_type="text/event-stream")
+            return StreamingResponse(completion.events(include_usage), media_type="text/event-stream")
         try:
-            return await run_in_threadpool(reply.whole)
+            return await _unless_gone(request, completion)
         except ApiError as e:
             return e.response()
 
     return router
+
+
+async def _unless_gone(request: Request, completion: "Completion") -> dict[str, Any]:
+    """The whole completion, cancelled if the client goes away before it is ready."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        completion.reply.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await anyio.to_thread.run_sync(completion.whole, abandon_on_cancel=True)
+    finally:
+        watcher.cancel()
+        completion.reply.cancel()  # a no-op once it ended; stops it if this task was cancelled
 
 
 async def _read(request: Request) -> ChatRequest:
@@ -200,64 +265,62 @@ def owner(request: Request, user: str | None) -> str:
     return f"api|{identity}|{user or ''}"
 
 
-class Reply:
-    """One chat completion: streamed as SSE events or collected whole."""
+class Completion:
+    """One chat completion over a `Reply`: streamed as SSE events or collected whole."""
 
-    def __init__(self, manager: ModelManager, model: str, messages: list[Message], params: GenerationParams,
-                 session: str | None) -> None:
-        self.manager, self.model, self.messages, self.params, self.session = manager, model, messages, params, session
+    def __init__(self, reply: Reply, model: str) -> None:
+        self.reply, self.model = reply, model
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def _chunks(self) -> Iterator[Chunk]:
-        return (c for c in self.manager.stream(self.messages, self.params, self.session) if c.waiting is None)
-
     def whole(self) -> dict[str, Any]:
-        text, last = [], Chunk()
-        try:
-            for chunk in self._chunks():
-                text.append(chunk.text)
-                last = chunk
-        except BackendError as e:
-            raise _status_for(e) from e
+        reply = self.reply.wait()
+        if reply.error is not None:
+            raise _status_for(reply.error)
+        message: dict[str, Any] = {"role": "assistant", "content": reply.text}
+        if reply.calls:
+            message["tool_calls"] = [_call_json(c) for c in reply.calls]
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                         "finish_reason": _finish(last.finish_reason)}],
-            "usage": _usage(last.usage),
+            "choices": [{"index": 0, "message": message, "finish_reason": _finish(reply.finish_reason)}],
+            "usage": _usage(reply.usage),
         }
 
     async def events(self, include_usage: bool) -> AsyncIterator[str]:
-        stream = self._chunks()
-        done = object()
+        events, done = iter(self.reply), object()
         try:
             yield self._event({"role": "assistant", "content": ""})
             while True:
-                # The engine's iterator blocks between tokens: pull it in a worker thread.
-                chunk = await run_in_threadpool(next, stream, done)
-                if chunk is done:
+                # The reply blocks between tokens: read it on a worker thread. A client that goes
+                # away cancels this task at once (abandon_on_cancel), and `finally` cancels the reply,
+                # which ends that thread's read within 100 ms.
+                event = await anyio.to_thread.run_sync(next, events, done, abandon_on_cancel=True)
+                if event is done:
                     break
-                if chunk.text:
-                    yield self._event({"content": chunk.text})
-                if chunk.finish_reason:
-                    yield self._event({}, finish=_finish(chunk.finish_reason))
-                    if include_usage:
-                        yield _sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                    "model": self.model, "choices": [], "usage": _usage(chunk.usage)})
-            yield "data: [DONE]\n\n"
-        except BackendError as e:
-            error = _status_for(e)
-            yield _sse({"error": {"message": error.message, "type": error.kind, "code": error.status}})
+                if isinstance(event, Text):
+                    yield self._event({"content": event.text})
+            reply = self.reply
+            if reply.error is not None:
+                error = _status_for(reply.error)
+                yield _sse({"error": {"message": error.message, "type": error.kind, "code": error.status}})
+            else:
+                if reply.calls:
+                    yield self._event({"tool_calls": [{"index": i, **_call_json(c)} for i, c in enumerate(reply.calls)]})
+                yield self._event({}, finish=_finish(reply.finish_reason))
+                if include_usage:
+                    yield _sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                "model": self.model, "choices": [], "usage": _usage(reply.usage)})
             yield "data: [DONE]\n\n"
         finally:
-            # A client that went away ends up here too, in a cancelled task: shield the clean-up so
-            # it runs, and stop the engine. (The worker thread's next() has returned by now: anyio
-            # waits for a thread call to finish before the cancellation takes effect.)
-            with anyio.CancelScope(shield=True):
-                await run_in_threadpool(stream.close)
+            self.reply.cancel()  # a no-op once it ended; stops the engine for a client that went away
 
     def _event(self, delta: dict[str, Any], finish: str | None = None) -> str:
         return _sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+
+def _call_json(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
 
 
 def _sse(data: dict[str, Any]) -> str:
@@ -265,7 +328,7 @@ def _sse(data: dict[str, Any]) -> str:
 
 
 def _finish(reason: str | None) -> str:
-    return "length" if reason == "length" else "stop"
+    return reason if reason in ("length", "tool_calls") else "stop"
 
 
 def _usage(usage: Usage | None) -> dict[str, Any]:

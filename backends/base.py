@@ -7,12 +7,16 @@ module knows nothing about Gradio, HTTP or any engine, and imports nothing heavy
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
+import threading
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar, Iterator, Protocol
 
+log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant", "tool")
+TOOL_FORMATS = ("hermes", "llama3", "pythonic")  # read and written in chat/formats.py
 MAX_STOP_WORDS, MAX_STOP_CHARS = 16, 1000  # stop words are held back while they may be starting
 
 
@@ -229,7 +233,68 @@ class Chunk:
     text: str = ""
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
     usage: Usage | None = None
-    waiting: int | None = None  # set while queued: how many replies are ahead of this one
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """The reply waits in line: `ahead` replies will be answered before it."""
+
+    ahead: int
+
+
+class Cancel:
+    """One reply's stop switch: set from any thread, seen wherever the reply is.
+
+    Every wait on a reply's path either polls `is_set()` at least every 50 ms (`POLL_S`) or
+    registers a hook that wakes it (a condition to notify, an HTTP response to close). Closing a
+    generator cannot do this: it fails while another thread is inside the generator's `next()`.
+    """
+
+    POLL_S = 0.05
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._hooks: list[Callable[[], Any]] = []
+        self.reason = ""  # why, when someone other than the reply's own user stopped it
+
+    def set(self, reason: str = "") -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            self.reason = reason
+            self._event.set()
+            hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            _call_hook(hook)
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._event.wait(timeout)
+
+    def on_set(self, hook: Callable[[], Any]) -> Callable[[], None]:
+        """Run `hook` when this is set (at once if it already is). Returns a function that
+        removes the hook (call it when the thing it would wake is gone)."""
+        with self._lock:
+            if not self._event.is_set():
+                self._hooks.append(hook)
+                return lambda: self._remove(hook)
+        _call_hook(hook)
+        return lambda: None
+
+    def _remove(self, hook: Callable[[], Any]) -> None:
+        with self._lock:
+            if hook in self._hooks:
+                self._hooks.remove(hook)
+
+
+def _call_hook(hook: Callable[[], Any]) -> None:
+    try:
+        hook()
+    except Exception:  # noqa: BLE001 - a hook closes or wakes something; its failure must not stop the rest
+        log.debug("a cancel hook raised", exc_info=True)
 
 
 @dataclass(frozen=True)
@@ -274,12 +339,15 @@ class ModelSpec:
     server: dict[str, Any] = field(default_factory=dict)  # a server Confab starts and stops
     sampling: dict[str, Any] = field(default_factory=dict)
     tools: tuple[str, ...] = ()  # names of tools (from the tools folder) this model may call
+    tool_format: str | None = None  # how the model writes calls: hermes | llama3 | pythonic (else from its template)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _as_stop_tuple(self.stop))
         if isinstance(self.tools, str) or not all(isinstance(t, str) for t in self.tools):
             raise ParamError(f"tools must be a list of tool names, got {self.tools!r}.")
         object.__setattr__(self, "tools", tuple(self.tools))
+        if self.tool_format not in (None, *TOOL_FORMATS):
+            raise ParamError(f"tool_format must be one of {', '.join(TOOL_FORMATS)}, got {self.tool_format!r}.")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ParamError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}.")
         if self.quantization not in ("none", "8bit", "4bit"):
@@ -318,7 +386,8 @@ class Job:
 
 class Backend(Protocol):
     """`prepare` fits a conversation to the context without holding the engine (the manager calls
-    it before a reply waits in line); `run` generates it; `stream` is the two in one."""
+    it before a reply waits in line); `run` generates it, ending with finish_reason "cancelled"
+    within 100 ms of `cancel` being set, wherever it is; `stream` is the two in one."""
 
     name: ClassVar[str]
     n_ctx: int
@@ -328,7 +397,7 @@ class Backend(Protocol):
     def prepare(self, messages: list[Message], params: GenerationParams,
                 tools: list[dict[str, Any]] | None = None) -> Job: ...
 
-    def run(self, job: Job, session_id: str | None = None) -> Iterator[Chunk]: ...
+    def run(self, job: Job, session_id: str | None = None, cancel: Cancel | None = None) -> Iterator[Chunk]: ...
 
     def stream(
         self, messages: list[Message], params: GenerationParams, session_id: str | None = None

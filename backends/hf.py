@@ -1,19 +1,24 @@
 """Hugging Face transformers backend: hub ids, local folders and GGUF files, CPU or CUDA.
 
-One worker thread runs `generate` per reply and streams through `TextIteratorStreamer`;
-a `StoppingCriteria` watches a stop event that the consumer sets when it closes the stream,
-so the engine is idle within one token. Errors from the worker travel back as values.
-torch and transformers are imported in `load`, never at module import.
+One inference thread per loaded model owns `generate` (as `transformers serve` does): replies
+reach it through a queue and run one at a time, streaming through `TextIteratorStreamer`. A
+`StoppingCriteria` watches the reply's `Cancel`, so the engine is idle within one token; the
+consumer reads with a timeout and never joins, so it returns within one poll of a cancel.
+Errors from the thread travel back as values. A seeded reply samples with its own
+`torch.Generator`: no reply reseeds the process. torch and transformers are imported in
+`load`, never at module import.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from typing import Any, Iterator
 
 from . import register
-from .base import BackendError, GenerationParams, Message, ModelSpec, ProgressFn, Prompt, Usage
+from .base import BackendError, Cancel, GenerationParams, Message, ModelSpec, ProgressFn, Prompt, Usage
+from .hf_engine import STOPPED, HFJob, InferenceThread, TokenCounter, read_text, sampling_kwargs
 from .hub import download
 from .locate import Location, locate
 from .kvcache import SessionCaches, common_prefix
@@ -22,7 +27,7 @@ from .templates import ChatTemplate, choose, render_segments
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
+UNLOAD_WAIT_S = 2.0  # how long unload waits for the inference thread to finish its step
 
 def _import_engine() -> tuple[Any, Any]:
     try:
@@ -52,6 +57,7 @@ class TransformersBackend(LocalEngine):
         self.device = "cpu"
         self._eos_ids: list[int] = []
         self._text_stops: tuple[str, ...] = ()
+        self._inference: InferenceThread | None = None
 
     # ---- loading -------------------------------------------------------------------------
     def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> None:
@@ -81,7 +87,13 @@ class TransformersBackend(LocalEngine):
         self.device = str(self.model.device)
         self.n_ctx = spec.n_ctx or int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
         self._setup_template(spec)
+        self._start_inference()
         progress and progress(1.0, f"Loaded {spec.name}")
+
+    def _start_inference(self) -> None:
+        if self._inference is None or not self._inference.alive():
+            self._inference = InferenceThread()
+            weakref.finalize(self, self._inference.stop)  # a backend dropped without unload() frees its thread
 
     @staticmethod
     def check(spec: ModelSpec) -> Location:
@@ -143,6 +155,9 @@ class TransformersBackend(LocalEngine):
 
     def unload(self) -> None:
         had_model = self.model is not None
+        engine, self._inference = self._inference, None
+        if engine is not None and not engine.close(UNLOAD_WAIT_S):  # unload is not on the event loop
+            log.warning("the transformers inference thread is still in a step; its memory is freed when it ends")
         self.caches.clear()
         self.model = self.draft = self.tokenizer = None
         if had_model:
@@ -161,56 +176,64 @@ class TransformersBackend(LocalEngine):
 
     # ---- generation ----------------------------------------------------------------------
     def _generate(
-        self, prompt: Prompt, params: GenerationParams, usage: Usage, session_id: str | None
+        self, prompt: Prompt, params: GenerationParams, usage: Usage, session_id: str | None, cancel: Cancel
     ) -> Iterator[tuple[str, int]]:
-        torch, transformers = _import_engine()
-        ids = prompt.token_ids
-        stop_event = threading.Event()
-        counter = _TokenCounter(len(ids), stop_event)
+        """The consumer side: hand the reply to the inference thread and read its text with a
+        timeout, so a cancel or a dead thread is seen within one poll. Never joins: this runs on
+        the caller's thread (Gradio's event loop worker)."""
+        _, transformers = _import_engine()
+        engine = self._inference
+        if engine is None or not engine.alive():
+            raise BackendError(STOPPED)
+        if cancel.is_set():
+            return
         streamer = transformers.TextIteratorStreamer(
-            self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None
+            self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=Cancel.POLL_S
         )
-        cache, usage.cached_tokens = self._reusable_cache(session_id, ids, transformers)
+        closed = threading.Event()  # the consumer went away (its generator was closed)
+        counter = TokenCounter(len(prompt.token_ids), (cancel, closed, engine.closing))
+        reply = HFJob(prompt.token_ids, params, usage, session_id, streamer, counter)
+        engine.submit(self._run_reply, reply)
+        try:
+            yield from read_text(reply, engine, cancel)
+        finally:
+            closed.set()  # the inference thread stops within a token, on its own
+        if reply.failure:
+            raise BackendError(_generation_advice(reply.failure[0])) from reply.failure[0]
+
+    def _run_reply(self, reply: "HFJob") -> None:
+        """On the inference thread: generate one reply into its streamer; keep its KV cache."""
+        torch, transformers = _import_engine()
+        ids = reply.ids
+        try:
+            cache, reply.usage.cached_tokens = self._reusable_cache(reply.session_id, ids, transformers)
+            kwargs = self._generate_kwargs(reply, cache, torch, transformers)
+            with torch.inference_mode():
+                self.model.generate(**kwargs)
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, re-raised there
+            log.exception("generation failed")
+            reply.failure.append(e)
+            reply.streamer.end()
+            return
+        if "past_key_values" in kwargs and self._inference is not None:  # not once unload has cleared them
+            self._keep_cache(reply.session_id, reply.counter, ids, cache)
+
+    def _generate_kwargs(self, reply: "HFJob", cache: Any, torch: Any, transformers: Any) -> dict[str, Any]:
+        ids, device = reply.ids, self.model.device
         kwargs = dict(
-            input_ids=torch.tensor([ids], device=self.model.device),
-            attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=self.model.device),
+            input_ids=torch.tensor([ids], device=device),
+            attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
             past_key_values=cache,
-            streamer=streamer,
-            stopping_criteria=transformers.StoppingCriteriaList([counter]),
+            streamer=reply.streamer,
+            stopping_criteria=transformers.StoppingCriteriaList([reply.counter]),
             eos_token_id=self._eos_ids or None,
             pad_token_id=self.tokenizer.pad_token_id or (self._eos_ids[0] if self._eos_ids else None),
-            **_sampling_kwargs(params),
+            **sampling_kwargs(reply.params, transformers),
         )
         if self.draft is not None:  # assisted generation keeps its own caches
             kwargs["assistant_model"] = self.draft
             kwargs.pop("past_key_values")
-        failure: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                if params.seed is not None:
-                    transformers.set_seed(params.seed32)
-                with torch.inference_mode():
-                    self.model.generate(**kwargs)
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer, re-raised there
-                log.exception("generation failed")
-                failure.append(e)
-                streamer.end()
-
-        worker = threading.Thread(target=work, name="hf-generate", daemon=True)
-        worker.start()
-        try:
-            for text in streamer:
-                if failure:
-                    break
-                yield text, counter.generated
-        finally:
-            stop_event.set()
-            worker.join()
-            if not failure and "past_key_values" in kwargs:
-                self._keep_cache(session_id, counter, ids, cache)
-        if failure:
-            raise BackendError(_generation_advice(failure[0])) from failure[0]
+        return kwargs
 
     def _reusable_cache(self, session_id: str | None, ids: list[int], transformers: Any) -> tuple[Any, int]:
         """This conversation's cache from its last turn, cut back to the prefix the new prompt shares."""
@@ -225,7 +248,7 @@ class TransformersBackend(LocalEngine):
                 return cache, reuse
         return transformers.DynamicCache(config=self.model.config), 0
 
-    def _keep_cache(self, session_id: str | None, counter: "_TokenCounter", ids: list[int], cache: Any) -> None:
+    def _keep_cache(self, session_id: str | None, counter: "TokenCounter", ids: list[int], cache: Any) -> None:
         # The cache holds every token fed to the model: the prompt and all sampled tokens but the last.
         seen = counter.sequence.tolist() if counter.sequence is not None else ids
         self.caches.put(session_id, seen[: cache.get_seq_length()], cache)
@@ -243,42 +266,6 @@ class TransformersBackend(LocalEngine):
             "dtype": str(getattr(self.model, "dtype", "")).replace("torch.", "") if self.model else None,
             "quantization": spec.quantization if spec else None,
         }
-
-
-class _TokenCounter:
-    """A StoppingCriteria that counts generated tokens and stops when the event is set."""
-
-    def __init__(self, prompt_len: int, stop_event: threading.Event) -> None:
-        self.prompt_len = prompt_len
-        self.stop_event = stop_event
-        self.generated = 0
-        self.sequence: Any = None  # the latest prompt + generated ids
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
-
-        self.sequence = input_ids[0]
-        self.generated = int(input_ids.shape[-1]) - self.prompt_len
-        return torch.full((input_ids.shape[0],), self.stop_event.is_set(), dtype=torch.bool)
-
-
-def _sampling_kwargs(params: GenerationParams) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": params.max_new_tokens,
-        "repetition_penalty": params.repetition_penalty,
-    }
-    if params.greedy:
-        # Explicit neutral values keep generate() from warning about the model's own defaults.
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    else:
-        kwargs.update(
-            do_sample=True,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k or None,
-            min_p=params.min_p or None,
-        )
-    return kwargs
 
 
 def _max_memory(raw: dict[Any, str]) -> dict[Any, str]:

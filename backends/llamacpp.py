@@ -10,30 +10,20 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 from typing import Any, Iterator
 
 from . import register
-from .base import BackendError, GenerationParams, Message, ModelSpec, ProgressFn, Prompt, Usage
+from .base import BackendError, Cancel, GenerationParams, Message, ModelSpec, ProgressFn, Prompt, Usage
 from .hub import download
-from .llamacpp_engine import BatchEngine, init_backend
+from .llamacpp_engine import BatchEngine
+from .llamacpp_lib import Lib, Model
 from .locate import Location, locate
 from .prompting import Encode, LocalEngine, encode_segments, engine_options
 from .templates import ChatTemplate, choose, render_segments
 
 log = logging.getLogger(__name__)
-
-
-def _import_engine() -> tuple[Any, Any]:
-    try:
-        import llama_cpp
-        from llama_cpp import _internals
-    except ImportError as e:
-        raise BackendError(
-            "The llama.cpp backend needs llama-cpp-python: pip install llama-cpp-python "
-            "(it is in requirements.txt)."
-        ) from e
-    return llama_cpp, _internals
 
 
 # llama-cpp-python's verbose=False silences llama.cpp by pointing the process's stdout and stderr
@@ -52,7 +42,7 @@ class LlamaCppBackend(LocalEngine):
     ENGINE_KEYS = {"parallel": 8, "kv_cells": None, "n_batch": 512}
 
     def __init__(self) -> None:
-        self.model: Any = None
+        self.model: Model | None = None
         self.engine: BatchEngine | None = None
         self.spec: ModelSpec | None = None
         self.template: ChatTemplate | None = None
@@ -63,18 +53,15 @@ class LlamaCppBackend(LocalEngine):
         self._stops: tuple[str, ...] = ()
 
     def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> None:
-        llama_cpp, internals = _import_engine()
+        lib = Lib()
         options = engine_options(spec, self.ENGINE_KEYS)
         where = download(self.check(spec), progress, weights="gguf")
         self.path = os.path.join(where.path, where.gguf_file)
         progress and progress(0.1, f"Loading {os.path.basename(self.path)}")
-        init_backend(llama_cpp)
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's own chatter
-        params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = spec.n_gpu_layers
         try:
             with _QUIET_LOCK:
-                self.model = internals.LlamaModel(path_model=self.path, params=params, verbose=False)
+                self.model = lib.load_model(self.path, spec.n_gpu_layers)
         except (ValueError, RuntimeError, OSError) as e:
             raise BackendError(f"llama.cpp could not load {self.path} ({e}). Is it a valid GGUF file?") from e
         self.n_ctx = spec.n_ctx or self.model.n_ctx_train()
@@ -83,7 +70,7 @@ class LlamaCppBackend(LocalEngine):
         try:
             with _QUIET_LOCK:
                 self.engine = BatchEngine(
-                    llama_cpp, internals, self.model, n_ctx=self.n_ctx, slots=self.max_concurrent,
+                    lib, self.model, n_ctx=self.n_ctx, slots=self.max_concurrent,
                     kv_cells=int(options["kv_cells"] or 2 * self.n_ctx), n_threads=threads,
                     n_batch=int(options["n_batch"]),
                 )
@@ -106,9 +93,7 @@ class LlamaCppBackend(LocalEngine):
 
     def _setup_template(self, spec: ModelSpec) -> None:
         meta = self.model.metadata()
-        bos_id, eos_id = self.model.token_bos(), self.model.token_eos()
-        bos = self.model.token_get_text(bos_id) if bos_id >= 0 else ""
-        eos = self.model.token_get_text(eos_id) if eos_id >= 0 else ""
+        bos, eos = self.model.token_text(self.model.bos()), self.model.token_text(self.model.eos())
         self.template = choose(spec.chat_template, meta.get("tokenizer.chat_template"), bos, eos, self.path)
         self._add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true"
         self._stops = tuple(self.template.stop) + tuple(spec.stop)
@@ -125,27 +110,37 @@ class LlamaCppBackend(LocalEngine):
         self._require_loaded()
         segments = render_segments(self.template, messages, **({"tools": tools} if tools else {}))
         ids, public = encode_segments(segments, encode or self._encode)
-        bos = self.model.token_bos()
+        bos = self.model.bos()
         if self._add_bos and bos >= 0 and ids[:1] != [bos]:
             ids.insert(0, bos)
             public += 1
         return Prompt("".join(s.text for s in segments), ids, self._stops, public)
 
     def _encode(self, text: str, special: bool) -> list[int]:
-        return self.model.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+        return self.model.tokenize(text, special)
 
     def _loaded(self) -> bool:
         return self.engine is not None
 
     def _generate(
-        self, prompt: Prompt, params: GenerationParams, usage: Usage, session_id: str | None
+        self, prompt: Prompt, params: GenerationParams, usage: Usage, session_id: str | None, cancel: Cancel
     ) -> Iterator[tuple[str, int]]:
         # The engine finds a conversation's cache by its token prefix, among the slots of the same
         # owner; other owners' slots lend only the template's opening (prompt.public_tokens).
-        request = self.engine.submit(prompt.token_ids, params, owner=session_id, public=prompt.public_tokens)
+        engine = self.engine
+        request = engine.submit(prompt.token_ids, params, owner=session_id, public=prompt.public_tokens,
+                                cancel=cancel)
         try:
             while True:
-                kind, *data = request.out.get()
+                try:
+                    kind, *data = request.out.get(timeout=Cancel.POLL_S)
+                except queue.Empty:
+                    if cancel.is_set():
+                        return  # the engine drops the request before its next step
+                    if not engine.alive:
+                        raise BackendError(engine.failure or "The llama.cpp engine has stopped; load the model "
+                                                             "again.") from None
+                    continue
                 if kind == "start":
                     usage.cached_tokens = data[0]
                 elif kind == "text":

@@ -2,9 +2,9 @@
 
 llama-cpp-python's `Llama` class decodes one sequence at a time and keeps the KV cache of the
 last prompt only, so eight users would wait in line and each switch of user would re-read the
-whole history. No library offers batching over it, hence this engine, on llama-cpp-python's own
-thin wrappers of llama.h (`_internals`): each *slot* is a llama.cpp sequence in one unified KV
-cache. A new reply takes the idle slot whose tokens share the longest prefix with its prompt
+whole history. No library offers batching over it, hence this engine, on llama.h itself through
+the small adapter in llamacpp_lib.py (the only module that touches llama-cpp-python's
+internals): each *slot* is a llama.cpp sequence in one unified KV cache. A new reply takes the idle slot whose tokens share the longest prefix with its prompt
 (the same conversation, usually), drops only what changed, and joins the next batch; every step
 decodes one token for each slot that is generating, plus a chunk of any prompt being read.
 Idle slots keep their KV cache until it is needed (least recently used first).
@@ -14,14 +14,16 @@ except a prompt's public opening (the chat template's own text, before any messa
 in the spirit of vLLM's per-request `cache_salt`: otherwise the time to first token, or the
 cached-token count, would tell one user whether another's conversation begins with a guess.
 
-Consumers talk to it through `Request`: text pieces arrive on `request.out`; `cancel()` frees
-the slot within one step. This module knows llama.cpp, not prompts, templates or Gradio.
+Consumers talk to it through `Request`: text pieces arrive on `request.out`; the request's
+`Cancel` is checked before every step (a prompt is read in chunks, so a cancel during a long
+prefill takes effect between chunks) and a cancelled request still in line is never started.
+If the engine thread dies, every request in it or waiting for it gets an error, and `alive`
+says so to consumers that poll. This module knows llama.cpp, not prompts, templates or Gradio.
 """
 
 from __future__ import annotations
 
 import codecs
-import ctypes
 import logging
 import queue
 import random
@@ -30,22 +32,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import GenerationParams
+from .base import Cancel, GenerationParams
 from .kvcache import common_prefix
+from .llamacpp_lib import NO_KV_SLOT, Batch, Context, Lib, Model, Sampler, decode_meaning
 
 log = logging.getLogger(__name__)
 PENALTY_LAST_N = 64  # as llama-cpp-python's create_completion
 PREFILL_CHUNK = 256  # prompt tokens read per step, so a long prompt does not stall other replies
-_backend_ready = threading.Lock()
-_backend_inited = False
-
-
-def init_backend(llama_cpp: Any) -> None:
-    global _backend_inited
-    with _backend_ready:
-        if not _backend_inited:
-            llama_cpp.llama_backend_init()
-            _backend_inited = True
 
 
 @dataclass
@@ -55,11 +48,17 @@ class Request:
     owner: str | None = None  # whose conversation: cached tokens are reused only within it
     public: int = 0  # leading ids anyone's cache may lend (the template's opening)
     out: "queue.Queue[tuple]" = field(default_factory=queue.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled: Cancel = field(default_factory=Cancel)  # the reply's own stop switch
     cached: int = 0  # prompt tokens reused from this owner's own cache, set on admission
+    abandoned: threading.Event = field(default_factory=threading.Event)  # its consumer went away
 
     def cancel(self) -> None:
-        self.cancelled.set()
+        """The consumer stops reading (its round ended, or it was closed): free the slot."""
+        self.abandoned.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self.abandoned.is_set() or self.cancelled.is_set()
 
 
 @dataclass
@@ -71,40 +70,45 @@ class Slot:
     pending: list[int] = field(default_factory=list)  # prompt tokens not read yet
     next_token: int | None = None  # sampled, not yet in the KV cache
     generated: int = 0
-    sampler: Any = None
+    sampler: Sampler | None = None
     decoder: Any = None
     last_used: float = 0.0
 
 
 class BatchEngine:
-    def __init__(self, llama_cpp: Any, internals: Any, model: Any, *, n_ctx: int, kv_cells: int,
-                 slots: int, n_threads: int, n_batch: int = 512) -> None:
-        self.llama_cpp, self.internals, self.model = llama_cpp, internals, model
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = kv_cells
-        params.n_batch = params.n_ubatch = n_batch
-        params.n_seq_max = slots
-        params.kv_unified = True  # one pool of cells: a long conversation may use what idle ones do not
-        params.n_threads = params.n_threads_batch = n_threads
+    def __init__(self, lib: Lib, model: Model, *, n_ctx: int, kv_cells: int, slots: int, n_threads: int,
+                 n_batch: int = 512) -> None:
+        self.model = model
         # Flash attention keeps long conversations cheap: measured here, reading 200 prompt tokens
         # after 1,800 cached ones costs 1.56x the same read at the start with it, 1.80x without.
-        params.flash_attn_type = getattr(llama_cpp, "LLAMA_FLASH_ATTN_TYPE_ENABLED", 1)
-        self.ctx = internals.LlamaContext(model=model, params=params, verbose=False)
-        self.batch = internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=slots, verbose=False)
-        self.n_ctx, self.n_batch, self.n_vocab = n_ctx, n_batch, model.n_vocab()
+        self.ctx: Context = lib.context(model, cells=kv_cells, n_batch=n_batch, sequences=slots, threads=n_threads)
+        self.batch: Batch = self.ctx.batch()
+        self.n_ctx, self.n_batch, self.n_vocab = n_ctx, n_batch, model.n_vocab
         self.slots = [Slot(seq=i) for i in range(slots)]
         self.inbox: "queue.Queue[Request | None]" = queue.Queue()
         self.waiting: list[Request] = []
-        self._buf = ctypes.create_string_buffer(64)
+        self.failure = ""  # why the engine thread stopped, if it died
         self._stop = False
         self.thread = threading.Thread(target=self._run, name="llamacpp-engine", daemon=True)
         self.thread.start()
 
     # ---- the consumer side ---------------------------------------------------------------
-    def submit(self, ids: list[int], params: GenerationParams, owner: str | None = None, public: int = 0) -> Request:
-        request = Request(list(ids), params, owner, max(0, min(public, len(ids))))
+    def submit(self, ids: list[int], params: GenerationParams, owner: str | None = None, public: int = 0,
+               cancel: Cancel | None = None) -> Request:
+        request = Request(list(ids), params, owner, max(0, min(public, len(ids))), cancelled=cancel or Cancel())
+        if not self.alive:
+            request.out.put(("error", self.failure or "The llama.cpp engine has stopped; load the model again."))
+            return request
         self.inbox.put(request)
         return request
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and not self.failure
+
+    def forget_all(self) -> None:
+        """Drop every idle conversation's cache (benchmarks start each run from an empty cache)."""
+        self.inbox.put(("forget",))
 
     def close(self) -> None:
         self._stop = True
@@ -118,18 +122,39 @@ class BatchEngine:
 
     # ---- the engine thread ---------------------------------------------------------------
     def _run(self) -> None:
-        while not self._stop:
+        try:
+            while not self._stop:
+                try:
+                    self._admit(block=not any(s.request for s in self.slots))
+                    self._drop_cancelled()
+                    if any(s.request for s in self.slots):
+                        self._step()
+                except Exception as e:  # noqa: BLE001 - fail the replies in flight, keep the engine alive
+                    log.exception("llama.cpp engine step failed")
+                    for slot in self.slots:
+                        if slot.request:
+                            self._finish(slot, "error", f"llama.cpp failed while answering ({e}).")
+                        self._forget(slot)
+        except BaseException as e:  # noqa: BLE001 - the thread is dying: nobody may wait on it forever
+            self.failure = f"The llama.cpp engine stopped ({type(e).__name__}: {e}); load the model again."
+            log.exception("llama.cpp engine thread died")
+            raise
+        finally:
+            self._fail_everyone()
+
+    def _fail_everyone(self) -> None:
+        """The thread is ending: every request it holds or will never read gets an answer."""
+        message = self.failure or "The model was unloaded while this reply waited."
+        pending = [s.request for s in self.slots if s.request] + self.waiting
+        while True:
             try:
-                self._admit(block=not any(s.request for s in self.slots))
-                self._drop_cancelled()
-                if any(s.request for s in self.slots):
-                    self._step()
-            except Exception as e:  # noqa: BLE001 - fail the replies in flight, keep the engine alive
-                log.exception("llama.cpp engine step failed")
-                for slot in self.slots:
-                    if slot.request:
-                        self._finish(slot, "error", f"llama.cpp failed while answering ({e}).")
-                    self._forget(slot)
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Request):
+                pending.append(item)
+        for request in pending:
+            request.out.put(("error", message))
 
     def _admit(self, block: bool) -> None:
         try:
@@ -138,10 +163,15 @@ class BatchEngine:
                 block = False
                 if request is None:
                     return
+                if isinstance(request, tuple):  # ("forget",)
+                    for slot in self.slots:
+                        if slot.request is None:
+                            self._forget(slot)
+                    continue
                 self.waiting.append(request)
         except queue.Empty:
             pass
-        self.waiting = [r for r in self.waiting if not r.cancelled.is_set()]
+        self.waiting = [r for r in self.waiting if not r.stopped]
         while self.waiting:
             slot = self._pick_slot(self.waiting[0])
             if slot is None:
@@ -178,8 +208,8 @@ class BatchEngine:
             # Another slot holds a longer prefix (this owner's other conversation, or the template's
             # opening): share its cells instead of computing them again. The unified cache lets
             # cells belong to many sequences.
-            self.llama_cpp.llama_memory_seq_rm(self.ctx.memory, slot.seq, -1, -1)
-            self.llama_cpp.llama_memory_seq_cp(self.ctx.memory, donor.seq, slot.seq, 0, shared)
+            self.ctx.forget(slot.seq)
+            self.ctx.share(donor.seq, slot.seq, shared)
             slot.ids[:] = request.ids[:shared]
             keep = shared
             own = shared if donor.owner == request.owner else own
@@ -196,96 +226,88 @@ class BatchEngine:
 
     def _truncate(self, slot: Slot, keep: int) -> None:
         if keep < len(slot.ids):
-            self.llama_cpp.llama_memory_seq_rm(self.ctx.memory, slot.seq, keep, -1)
+            self.ctx.forget(slot.seq, keep)
             del slot.ids[keep:]
 
     def _forget(self, slot: Slot) -> None:
-        self.llama_cpp.llama_memory_seq_rm(self.ctx.memory, slot.seq, -1, -1)
+        self.ctx.forget(slot.seq)
         slot.ids.clear()
         slot.request, slot.pending, slot.next_token = None, [], None
 
-    def _sampler(self, params: GenerationParams) -> Any:
-        s = self.internals.LlamaSampler()
-        s.add_penalties(self.n_vocab, PENALTY_LAST_N, params.repetition_penalty, 0.0, 0.0)
-        if params.greedy:
-            s.add_greedy()
-        else:
-            s.add_top_k(params.top_k if params.top_k > 0 else self.n_vocab)
-            s.add_top_p(params.top_p, 1)
-            s.add_min_p(params.min_p, 1)
-            s.add_temp(params.temperature)
-            s.add_dist(params.seed32 if params.seed is not None else random.getrandbits(32))
-        return s
+    def _sampler(self, params: GenerationParams) -> Sampler:
+        return self.ctx.sampler().chain(
+            n_vocab=self.n_vocab, penalty_last_n=PENALTY_LAST_N, repetition_penalty=params.repetition_penalty,
+            greedy=params.greedy, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+            temperature=params.temperature,
+            seed=params.seed32 if params.seed is not None else random.getrandbits(32))
 
     def _drop_cancelled(self) -> None:
         for slot in self.slots:
-            if slot.request is not None and slot.request.cancelled.is_set():
+            if slot.request is not None and slot.request.stopped:
                 self._finish(slot, "cancelled")
 
     def _step(self) -> None:
         """One llama_decode over every live slot: a token each, or a chunk of prompt."""
         self.batch.reset()
-        rows: list[tuple[Slot, int]] = []  # (slot, batch index whose logits to sample)
-        budget = self.n_batch
+        rows: list[tuple[Slot, int]] = []  # (slot, batch row whose logits to sample)
         for slot in self.slots:
+            budget = self.n_batch - len(self.batch)
             if slot.request is None or budget == 0:
                 continue
             if slot.pending:
                 chunk = slot.pending[: min(PREFILL_CHUNK, budget)]
-                last = len(chunk) == len(slot.pending)
-                self._add(slot, chunk, logits_last=last)
-                if last:
-                    rows.append((slot, self.batch.n_tokens() - 1))
+                row = self._add(slot, chunk, logits_last=len(chunk) == len(slot.pending))
+                if not slot.pending:
+                    rows.append((slot, row))
             else:
-                self._add(slot, [slot.next_token], logits_last=True)
-                rows.append((slot, self.batch.n_tokens() - 1))
-            budget = self.n_batch - self.batch.n_tokens()
+                rows.append((slot, self._add(slot, [slot.next_token], logits_last=True)))
         if not self._decode():
             return
-        for slot, index in rows:
-            self._sample(slot, index)
+        for slot, row in rows:
+            self._sample(slot, row)
 
-    def _add(self, slot: Slot, tokens: list[int], logits_last: bool) -> None:
-        b, n = self.batch.batch, self.batch.batch.n_tokens
-        for i, token in enumerate(tokens):
-            b.token[n + i] = token
-            b.pos[n + i] = len(slot.ids) + i
-            b.seq_id[n + i][0] = slot.seq
-            b.n_seq_id[n + i] = 1
-            b.logits[n + i] = logits_last and i == len(tokens) - 1
-        b.n_tokens = n + len(tokens)
+    def _add(self, slot: Slot, tokens: list[int], logits_last: bool) -> int:
+        row = self.batch.add(slot.seq, tokens, len(slot.ids), logits_last)
         slot.ids.extend(tokens)  # in the KV cache once this batch decodes (undone below if it fails)
         if slot.pending:
             del slot.pending[: len(tokens)]
         else:
             slot.next_token = None
+        return row
 
     def _decode(self) -> bool:
-        code = self.llama_cpp.llama_decode(self.ctx.ctx, self.batch.batch)
+        code = self.ctx.decode(self.batch)
         if code == 0:
             return True
-        # 1: no room in the KV cache. Evict idle conversations, undo this batch, try next step.
         self._undo_batch()
         evicted = [s for s in self.slots if s.request is None and s.ids]
-        if code == 1 and evicted:
+        if code == NO_KV_SLOT and evicted:  # evict idle conversations; the batch runs again next step
             for slot in sorted(evicted, key=lambda s: s.last_used)[: max(1, len(evicted) // 2)]:
                 self._forget(slot)
             return False
-        victim = max((s for s in self.slots if s.request), key=lambda s: len(s.ids))
-        self._finish(victim, "error", "The model's KV cache is full: too many long conversations at once. "
-                                      "Try again in a moment, or clear this chat.")
-        self._forget(victim)
+        if code == NO_KV_SLOT:
+            victim = max((s for s in self.slots if s.request), key=lambda s: len(s.ids))
+            self._finish(victim, "error", "The model's KV cache is full: too many long conversations at once. "
+                                          "Try again in a moment, or clear this chat.")
+            self._forget(victim)
+            return False
+        # Anything else is a failure, not a full cache: the replies in this batch end with what it
+        # means, and their sequences are dropped (a failed decode may leave part of the batch cached).
+        log.error("llama_decode returned %d: %s", code, decode_meaning(code))
+        for slot in self.slots:
+            if slot.request is not None:
+                self._finish(slot, "error", f"llama.cpp could not go on: {decode_meaning(code)}. Try again.")
+                self._forget(slot)
         return False
 
     def _undo_batch(self) -> None:
-        b = self.batch.batch
+        rows = list(self.batch.rows())
         for slot in self.slots:
-            mine = [i for i in range(b.n_tokens) if b.seq_id[i][0] == slot.seq]
-            if not mine:
+            tokens = [token for seq, token in rows if seq == slot.seq]
+            if not tokens:
                 continue
-            tokens = [b.token[i] for i in mine]
             del slot.ids[-len(tokens):]
-            self.llama_cpp.llama_memory_seq_rm(self.ctx.memory, slot.seq, len(slot.ids), -1)
+            self.ctx.forget(slot.seq, len(slot.ids))
             if slot.request is not None and slot.next_token is None and not slot.pending and slot.generated:
                 slot.next_token = tokens[-1]
             else:
@@ -296,23 +318,15 @@ class BatchEngine:
         token = slot.sampler.sample(self.ctx, index)
         slot.sampler.accept(token)
         slot.generated += 1
-        if self.llama_cpp.llama_vocab_is_eog(self.model.vocab, token):
+        if self.model.is_eog(token):
             self._finish(slot, "stop")
             return
-        piece = slot.decoder.decode(self._piece(token))
+        piece = slot.decoder.decode(self.model.piece(token))
         request.out.put(("text", piece, slot.generated))
         if slot.generated >= request.params.max_new_tokens or len(slot.ids) + 1 >= self.n_ctx:
             self._finish(slot, "length")
         else:
             slot.next_token = token
-
-    def _piece(self, token: int) -> bytes:
-        """The token's bytes (a piece of a UTF-8 character, sometimes); control tokens give none."""
-        n = self.llama_cpp.llama_token_to_piece(self.model.vocab, token, self._buf, len(self._buf), 0, False)
-        if n < 0:  # the buffer was too small: -n is the size needed
-            self._buf = ctypes.create_string_buffer(-n)
-            n = self.llama_cpp.llama_token_to_piece(self.model.vocab, token, self._buf, len(self._buf), 0, False)
-        return self._buf.raw[:n]
 
     def _finish(self, slot: Slot, reason: str, message: str = "") -> None:
         request, slot.request = slot.request, None

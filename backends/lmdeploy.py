@@ -14,7 +14,7 @@ import logging
 from typing import Any, Iterator
 
 from . import register
-from .base import BackendError, GenerationParams, Message, ModelSpec, ProgressFn, Usage
+from .base import BackendError, Cancel, GenerationParams, Message, ModelSpec, ProgressFn, Usage
 from .hub import download
 from .locate import locate
 from .prompting import EngineTemplated
@@ -135,11 +135,13 @@ class LMDeployBackend(EngineTemplated):
         return self.pipe is not None
 
     def _deltas(
-        self, messages: list[Message], params: GenerationParams, usage: Usage, session_id: str | None
+        self, messages: list[Message], params: GenerationParams, usage: Usage, session_id: str | None,
+        cancel: Cancel,
     ) -> Iterator[tuple[str, int]]:
         gen_config = self._messages.GenerationConfig(**generation_config_kwargs(params))
         session = self.pipe.session()
         finished = False
+        unhook = cancel.on_set(session.abort)  # stops the request in the engine from the cancelling thread
         try:
             # One prompt: the conversation, or with a Confab-rendered template the finished text.
             prompt = [m.to_dict() for m in messages] if self.template is None else render_text(self.template, messages)
@@ -152,6 +154,7 @@ class LMDeployBackend(EngineTemplated):
                 finished = out.finish_reason is not None
                 yield out.text or "", out.generate_token_len
         finally:
+            unhook()
             if not finished:
                 session.abort()  # stop the request in the engine, not just here
             session.close()

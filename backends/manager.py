@@ -1,12 +1,13 @@
 """The one loaded model: loading, switching and unloading, and admitting replies to it.
 
-Everything above (UI, API, terminal) calls `ModelManager.stream`; nothing else talks to a
-backend. As many replies run at once as the engine can batch (`backend.max_concurrent`:
+Everything above (UI, API, terminal, the Python APIs) asks `ModelManager.reply` for a `Reply`
+(chat/reply.py), which calls `stream` once per round; nothing else talks to a backend. As many replies run at once as the engine can batch (`backend.max_concurrent`:
 8 for llama.cpp, 1 for transformers on a CPU, capped by --concurrency); the rest wait in a
 first-come line and are told their place. A conversation is fitted to the context before it
-takes its place, so a long chat never holds an engine slot while it is measured. A load waits
-for the replies in flight, then swaps the model; a load that fails puts the previous model
-back. Knows nothing of Gradio or HTTP, nor who asked: callers check that.
+takes its place, so a long chat never holds an engine slot while it is measured. Every wait
+here wakes when the reply's `Cancel` is set. A load gives the replies in flight a grace period,
+stops the rest (telling them why), then swaps the model; a load that fails puts the previous
+model back. Knows nothing of Gradio or HTTP, nor who asked: callers check that.
 """
 
 from __future__ import annotations
@@ -19,18 +20,19 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from . import create
-from .base import (BackendError, Backend, Chunk, GenerationParams, Job, Message, ModelSpec, NotLoaded, ParamError,
-                   ProgressFn, Prompt)
+from .base import (BackendError, Backend, Cancel, Chunk, GenerationParams, Job, Message, ModelSpec, NotLoaded,
+                   ParamError, ProgressFn, Prompt, Usage, Waiting)
 
 log = logging.getLogger(__name__)
 
 
 class ModelManager:
-    def __init__(self, max_concurrent: int | None = None) -> None:
+    def __init__(self, max_concurrent: int | None = None, swap_grace_s: float = 5.0) -> None:
         self.limit = max_concurrent  # --concurrency: at most this many replies at once
+        self.swap_grace_s = swap_grace_s  # --swap-grace: how long a load lets replies in flight finish
         self._swap = threading.Lock()  # one load or unload at a time
-        self._cond = threading.Condition()  # guards the three fields below
-        self._active = 0  # replies streaming now
+        self._cond = threading.Condition()  # guards the fields below
+        self._active: set[Cancel] = set()  # replies streaming now, by their stop switch
         self._preparing = 0  # replies being fitted and tokenized (they use the model too)
         self._line: deque[object] = deque()  # tickets of replies waiting, first come first served
         self._swapping = False
@@ -91,10 +93,16 @@ class ModelManager:
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
-        """Hold new replies back and wait for those in flight to end."""
+        """Hold new replies back; give those in flight `swap_grace_s` to end, then stop them,
+        saying why (a load must not wait for a long reply, nor its user wonder what happened)."""
         with self._cond:
             self._swapping = True
-            self._cond.wait_for(lambda: self._active == 0 and self._preparing == 0)
+            idle = lambda: not self._active and self._preparing == 0  # noqa: E731
+            if not self._cond.wait_for(idle, self.swap_grace_s):
+                for cancel in list(self._active):
+                    cancel.set("The server's operator changed the model, so this reply was stopped. "
+                               "Send your message again.")
+                self._cond.wait_for(idle)
         try:
             yield
         finally:
@@ -128,6 +136,11 @@ class ModelManager:
     def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> Prompt:
         return self._require().render(messages, **({"tools": tools} if tools else {}))
 
+    def template_source(self) -> str | None:
+        """The loaded model's chat template text (the chat layer reads its tool-call format there)."""
+        template = getattr(self._backend, "template", None)
+        return getattr(template, "source", None)
+
     def takes_tools(self) -> bool:
         """Whether the loaded model's chat template describes tools itself (`tools=`)."""
         return bool(getattr(self._backend, "takes_tools", False))
@@ -139,53 +152,79 @@ class ModelManager:
         engine = int(getattr(self._backend, "max_concurrent", 1) or 1)
         return max(1, min(engine, self.limit or engine))
 
+    def reply(self, messages: list[Message], params: GenerationParams, session: str | None = None,
+              tools: Any = None) -> Any:
+        """A `Reply` (chat/reply.py): iterate it for events, read `.text`, `.usage` and
+        `.finish_reason`, `.cancel()` it from any thread. `tools` is a Toolset the reply may run.
+        (The Reply lives in the chat layer above; the manager is only the handle callers hold.)"""
+        from chat.reply import Reply
+
+        return Reply(self, messages, params, session, tools)
+
     def stream(
         self, messages: list[Message], params: GenerationParams, session_id: str | None = None,
-        tools: list[dict[str, Any]] | None = None,
-    ) -> Iterator[Chunk]:
-        """Stream a reply. Closing the iterator stops the engine and frees it for the next one.
+        tools: list[dict[str, Any]] | None = None, cancel: Cancel | None = None,
+    ) -> Iterator[Chunk | Waiting]:
+        """Stream one round of a reply: `Waiting(ahead)` while it waits in line, then text Chunks,
+        the last with finish_reason and usage. Most callers want `reply()`, which runs tools too.
 
         `session_id` names whose conversation this is (a page session, a login, an API key):
-        engines reuse cached tokens only within it. While the engine is full, yields
-        Chunk(waiting=n): n replies are ahead of this one.
+        engines reuse cached tokens only within it. `cancel` stops the reply wherever it is (a
+        load it waits for, the line, prefill or decode) within 100 ms: it ends with
+        finish_reason "cancelled" and, if it never reached the engine, never does.
         """
         if not messages or messages[-1].role not in ("user", "tool"):
             raise ParamError("There is nothing to answer: the conversation must end with a user message.")
-        backend, job = self._prepared(messages, params, tools)  # before the line: it holds no slot
-        ticket = object()
-        with self._cond:
-            self._line.append(ticket)
-        admitted = False
+        cancel = cancel or Cancel()
+        ticket, admitted = object(), False
+        # A cancel gives back this reply's place (in line or in the engine) at once, from the
+        # cancelling thread: a reader that stops reading must not hold the engine until it is
+        # garbage collected.
+        unhook = cancel.on_set(lambda: self._release(ticket, cancel))
         try:
+            prepared = self._prepared(messages, params, tools, cancel)  # before the line: it holds no slot
+            with self._cond:
+                self._line.append(ticket)
             shown = None
-            while not admitted:
+            while prepared is not None and not cancel.is_set():
                 with self._cond:
-                    admitted = self._try_admit(ticket)
-                    ahead = self._active + self._line.index(ticket) - self.capacity() + 1 if not admitted else 0
+                    if ticket not in self._line:
+                        break  # cancelled between the check above and here
+                    admitted = self._try_admit(ticket, cancel)
+                    ahead = len(self._active) + self._line.index(ticket) - self.capacity() + 1 if not admitted else 0
+                    if not admitted and ahead == shown:
+                        self._cond.wait(0.5)  # woken by a reply ending, a load ending, or this cancel
+                        continue
                 if admitted:
                     break
-                if ahead != shown:
-                    shown = ahead
-                    yield Chunk(waiting=max(ahead, 1))
-                with self._cond:
-                    self._cond.wait(0.5)
+                shown = ahead
+                yield Waiting(max(ahead, 1))
+            if not admitted:
+                yield Chunk("", finish_reason="cancelled", usage=Usage())
+                return
+            backend, job = prepared
             if self._backend is not backend:  # the model changed while this reply waited
-                backend, job = self._prepared(messages, params, tools)
-            yield from backend.run(job, session_id)
+                backend, job = self._prepared(messages, params, tools, cancel)
+            yield from backend.run(job, session_id, cancel)
         finally:
-            with self._cond:
-                if admitted:
-                    self._active -= 1
-                elif ticket in self._line:
-                    self._line.remove(ticket)
-                self._cond.notify_all()
+            unhook()
+            self._release(ticket, cancel)
 
-    def _prepared(self, messages: list[Message], params: GenerationParams,
-                  tools: list[dict[str, Any]] | None) -> tuple[Backend, Job]:
-        """The backend and the conversation fitted and rendered for it. A load or unload waits
-        for this (it tokenizes with the model)."""
+    def _release(self, ticket: object, cancel: Cancel) -> None:
         with self._cond:
-            self._cond.wait_for(lambda: not self._swapping)
+            self._active.discard(cancel)
+            if ticket in self._line:
+                self._line.remove(ticket)
+            self._cond.notify_all()
+
+    def _prepared(self, messages: list[Message], params: GenerationParams, tools: list[dict[str, Any]] | None,
+                  cancel: Cancel) -> tuple[Backend, Job] | None:
+        """The backend and the conversation fitted and rendered for it, or None if cancelled while
+        a load was under way. A load or unload waits for this (it tokenizes with the model)."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._swapping or cancel.is_set())
+            if cancel.is_set():
+                return None
             backend = self._require()
             self._preparing += 1
         try:
@@ -195,11 +234,11 @@ class ModelManager:
                 self._preparing -= 1
                 self._cond.notify_all()
 
-    def _try_admit(self, ticket: object) -> bool:
-        if self._swapping or self._line[0] is not ticket or self._active >= self.capacity():
+    def _try_admit(self, ticket: object, cancel: Cancel) -> bool:
+        if self._swapping or self._line[0] is not ticket or len(self._active) >= self.capacity() or cancel.is_set():
             return False
         self._line.popleft()
-        self._active += 1
+        self._active.add(cancel)
         return True
 
 

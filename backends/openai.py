@@ -15,7 +15,7 @@ import shutil
 from typing import Any, Iterator
 
 from . import register
-from .base import BackendError, GenerationParams, Message, ModelSpec, ProgressFn, Usage
+from .base import BackendError, Cancel, GenerationParams, Message, ModelSpec, ProgressFn, Usage
 from .prompting import EngineTemplated
 from .server import ManagedServer, free_port
 from .templates import ChatTemplate, render_text, resolve
@@ -110,7 +110,8 @@ class OpenAIBackend(EngineTemplated):
         return self.client is not None
 
     def _deltas(
-        self, messages: list[Message], params: GenerationParams, usage: Usage, session_id: str | None
+        self, messages: list[Message], params: GenerationParams, usage: Usage, session_id: str | None,
+        cancel: Cancel,
     ) -> Iterator[tuple[str, int]]:
         # No `user` field: session ids must stay secret (Gradio's queue is keyed by them), and the
         # server would gain nothing from them that Confab could vouch for.
@@ -122,8 +123,11 @@ class OpenAIBackend(EngineTemplated):
                 request["prompt"] = render_text(self.template, request.pop("messages"))
                 stream = self.client.completions.create(**request)
         n, finished = 0, False
+        # A cancel closes the HTTP response from whichever thread sets it: the read blocked in this
+        # one fails at once (and the server aborts the request), instead of waiting for a token.
+        unhook = cancel.on_set(stream.close)
         try:
-            with self._errors():
+            with self._errors(cancel):
                 for event in stream:
                     if event.usage:
                         # The server's cached-token count is left out: its prefix cache is shared by
@@ -136,6 +140,8 @@ class OpenAIBackend(EngineTemplated):
                         if text:
                             n += 1
                             yield text, n
+            if cancel.is_set():
+                return
             if not finished:
                 raise BackendError(
                     "The model server ended the reply without finishing it; it probably failed. A conversation "
@@ -144,6 +150,7 @@ class OpenAIBackend(EngineTemplated):
                 )
             yield "", n  # the server's own count, from its usage report, when it sent one
         finally:
+            unhook()
             stream.close()  # closing the HTTP response aborts the request on the server
 
     def _request(self, messages: list[Message], params: GenerationParams) -> dict[str, Any]:
@@ -167,9 +174,9 @@ class OpenAIBackend(EngineTemplated):
             "extra_body": extra,
         }
 
-    def _errors(self) -> "_OpenAIErrors":
+    def _errors(self, cancel: Cancel | None = None) -> "_OpenAIErrors":
         return _OpenAIErrors(self.base_url, self.model_name or (self.spec.model if self.spec else ""),
-                             self.spec.timeout_s if self.spec else 0)
+                             self.spec.timeout_s if self.spec else 0, cancel)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -183,8 +190,8 @@ class OpenAIBackend(EngineTemplated):
 class _OpenAIErrors:
     """Turns the openai client's exceptions into messages a person can act on."""
 
-    def __init__(self, url: str, model: str, timeout: float) -> None:
-        self.url, self.model, self.timeout = url, model, timeout
+    def __init__(self, url: str, model: str, timeout: float, cancel: Cancel | None = None) -> None:
+        self.url, self.model, self.timeout, self.cancel = url, model, timeout, cancel
 
     def __enter__(self) -> None:
         return None
@@ -192,6 +199,8 @@ class _OpenAIErrors:
     def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> bool:
         if error is None or isinstance(error, (BackendError, GeneratorExit)):
             return False
+        if self.cancel is not None and self.cancel.is_set() and isinstance(error, Exception):
+            return True  # the read failed because the cancel closed the response: a stop, not an error
         openai = _import_client()
         # Most specific first: AuthenticationError and NotFoundError are APIStatusErrors too. What a
         # person chatting sees names no address and no upstream body; the operator gets both.

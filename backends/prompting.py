@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Iterable, Iterator
 
-from .base import (BackendError, Chunk, Clock, ContextOverflow, GenerationParams, Job, Message, ModelSpec,
+from .base import (BackendError, Cancel, Chunk, Clock, ContextOverflow, GenerationParams, Job, Message, ModelSpec,
                    NotLoaded, Prompt, Usage)
 from .templates import Segment, render_text
 
@@ -134,14 +134,16 @@ def chunks_from_deltas(
     usage: Usage,
     clock: Clock,
     stop: Iterable[str] = (),
+    cancel: Cancel | None = None,
 ) -> Iterator[Chunk]:
     """Turn (text delta, tokens so far) pairs into Chunks; the last one carries the summary.
 
-    The engine's own end-of-sequence ends `deltas`; a stop word or max_new_tokens ends it here.
-    Closing this generator closes `deltas`, which is how the engine learns to stop.
+    The engine's own end-of-sequence ends `deltas`; a stop word or max_new_tokens ends it here;
+    a `cancel` that is set ends it with finish_reason "cancelled" (the engine sees the same
+    switch and returns within a step). `deltas` is closed here whatever happens.
     """
     matcher = StopMatcher(tuple(params.stop) + tuple(stop))
-    finish = "length"
+    finish, hit = "length", False
     try:
         for text, n_tokens in deltas:
             clock.mark_token()
@@ -152,11 +154,15 @@ def chunks_from_deltas(
             if hit:
                 finish = "stop"
                 break
+            if cancel is not None and cancel.is_set():
+                break
         else:
             tail = matcher.flush()
             if tail:
                 yield Chunk(tail)
             finish = "length" if usage.completion_tokens >= params.max_new_tokens else "stop"
+        if cancel is not None and cancel.is_set() and not hit:
+            finish = "cancelled"
     finally:
         close = getattr(deltas, "close", None)
         if close:
@@ -168,7 +174,8 @@ class LocalEngine:
     """The reply loop shared by backends that render the prompt and decode token ids here.
 
     Subclasses provide `render(messages, tools, encode)`, `_generate(prompt, params, usage,
-    session_id) -> Iterator[(delta, n)]` (which may fill usage.cached_tokens), `n_ctx`, and
+    session_id, cancel) -> Iterator[(delta, n)]` (which may fill usage.cached_tokens, and returns
+    within 100 ms of `cancel` being set, never blocking without a timeout), `n_ctx`, and
     `_loaded()`. `prepare` fits and renders (no engine needed); `run` generates.
     """
 
@@ -189,14 +196,14 @@ class LocalEngine:
         prompt, dropped = fit_context(lambda m: self.render(m, tools=tools, encode=encode), messages, params, self.n_ctx)
         return Job(messages, params, prompt, dropped)
 
-    def run(self, job: Job, session_id: str | None = None) -> Iterator[Chunk]:
+    def run(self, job: Job, session_id: str | None = None, cancel: Cancel | None = None) -> Iterator[Chunk]:
         """Generate a prepared reply. `session_id` names whose conversation this is: an engine
         reuses cached tokens only within it (and the template's opening across all)."""
         self._require_loaded()
-        clock = Clock()
+        clock, cancel = Clock(), cancel or Cancel()
         usage = Usage(prompt_tokens=len(job.prompt.token_ids), dropped_messages=job.dropped)
-        deltas = self._generate(job.prompt, job.params, usage, session_id)
-        yield from chunks_from_deltas(deltas, job.params, usage, clock, stop=job.prompt.stop)
+        deltas = self._generate(job.prompt, job.params, usage, session_id, cancel)
+        yield from chunks_from_deltas(deltas, job.params, usage, clock, stop=job.prompt.stop, cancel=cancel)
 
     def stream(
         self, messages: list[Message], params: GenerationParams, session_id: str | None = None,
@@ -217,7 +224,7 @@ class LocalEngine:
         raise NotImplementedError
 
     def _generate(
-        self, prompt: Prompt, params: GenerationParams, usage: Usage, session_id: str | None
+        self, prompt: Prompt, params: GenerationParams, usage: Usage, session_id: str | None, cancel: Cancel
     ) -> Iterator[tuple[str, int]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -239,7 +246,8 @@ def engine_options(spec: ModelSpec, defaults: dict[str, Any]) -> dict[str, Any]:
 class EngineTemplated:
     """The reply loop shared by backends whose engine applies the chat template itself (a remote
     server, LMDeploy): nothing to tokenize here. Subclasses provide `_loaded()`, `n_ctx` and
-    `_deltas(messages, params, usage, session_id) -> Iterator[(delta, n_tokens)]`."""
+    `_deltas(messages, params, usage, session_id, cancel) -> Iterator[(delta, n_tokens)]`, which
+    ends within 100 ms of `cancel` being set (a remote stream is closed by a cancel hook)."""
 
     n_ctx: int = 0
     takes_tools = False  # tools are described in the system prompt (Toolset.prepare)
@@ -262,12 +270,12 @@ class EngineTemplated:
             params = params.replace(stop=(*params.stop, *self.template.stop))
         return Job(messages, params)
 
-    def run(self, job: Job, session_id: str | None = None) -> Iterator[Chunk]:
+    def run(self, job: Job, session_id: str | None = None, cancel: Cancel | None = None) -> Iterator[Chunk]:
         if not self._loaded():
             raise NotLoaded()
-        clock, usage = Clock(), Usage()
-        yield from chunks_from_deltas(self._deltas(job.messages, job.params, usage, session_id), job.params,
-                                      usage, clock)
+        clock, usage, cancel = Clock(), Usage(), cancel or Cancel()
+        yield from chunks_from_deltas(self._deltas(job.messages, job.params, usage, session_id, cancel), job.params,
+                                      usage, clock, cancel=cancel)
 
     def stream(
         self, messages: list[Message], params: GenerationParams, session_id: str | None = None,
@@ -279,6 +287,7 @@ class EngineTemplated:
         raise NotImplementedError
 
     def _deltas(
-        self, messages: list[Message], params: GenerationParams, usage: Usage, session_id: str | None
+        self, messages: list[Message], params: GenerationParams, usage: Usage, session_id: str | None,
+        cancel: Cancel,
     ) -> Iterator[tuple[str, int]]:  # pragma: no cover - abstract
         raise NotImplementedError

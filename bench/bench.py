@@ -187,8 +187,7 @@ def long_chat(preset: str, replies: list[str] | None = None, repeats: int = 1) -
 
 def _conversation(backend, replies: list[str] | None, run: int) -> dict:
     if hasattr(backend, "engine"):
-        for slot in backend.engine.slots:  # every run starts from an empty cache
-            backend.engine._forget(slot)
+        backend.engine.forget_all()  # every run starts from an empty cache
     reuse = replies is None
     params = GenerationParams(do_sample=False, max_new_tokens=100 if reuse else 1, repetition_penalty=1.1)
     history: list[Message] = []
@@ -197,8 +196,7 @@ def _conversation(backend, replies: list[str] | None, run: int) -> dict:
         history.append(Message("user", f"Run {run}, turn {turn}. " + "I am planning a sailing trip along the coast next "
                                        "summer with two friends and a small boat; " * 4 + "what should we do next?"))
         if not reuse and hasattr(backend, "engine"):
-            for slot in backend.engine.slots:  # llama.cpp: forget every cache, as a chat without reuse would
-                backend.engine._forget(slot)
+            backend.engine.forget_all()  # llama.cpp: forget every cache, as a chat without reuse would
         chunks = list(backend.stream(history, params, session_id=f"long-chat-{run}" if reuse else f"fresh-{run}-{turn}"))
         usage = chunks[-1].usage
         turns.append({"turn": turn, "prompt_tokens": usage.prompt_tokens, "cached_tokens": usage.cached_tokens,
@@ -282,24 +280,18 @@ def memory_bandwidth_gbs() -> float:
 
 def raw_llama_decode_rate(tokens: int = 128) -> float:
     """llama.cpp alone: single-token llama_decode calls, no sampling, no Python around them."""
-    import llama_cpp
-    from llama_cpp import _internals
+    from backends.llamacpp_lib import Lib
 
-    from backends.llamacpp_engine import init_backend
-
-    init_backend(llama_cpp)
-    model = _internals.LlamaModel(path_model=str(embedded_gguf()), params=llama_cpp.llama_model_default_params(),
-                                  verbose=False)
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx, params.n_threads, params.n_threads_batch = 1024, os.cpu_count(), os.cpu_count()
-    params.flash_attn_type = 1
-    ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
-    batch = _internals.LlamaBatch(n_tokens=64, embd=0, n_seq_max=1, verbose=False)
-    batch.set_batch(list(range(100, 140)), 0, False)
+    lib = Lib()
+    model = lib.load_model(str(embedded_gguf()))
+    ctx = lib.context(model, cells=1024, n_batch=64, sequences=1, threads=os.cpu_count())
+    batch = ctx.batch()
+    batch.add(0, list(range(100, 140)), 0, logits_last=True)
     ctx.decode(batch)
     start = time.perf_counter()
     for i in range(tokens):
-        batch.set_batch([200 + i % 50], 40 + i, False)
+        batch.reset()
+        batch.add(0, [200 + i % 50], 40 + i, logits_last=True)
         ctx.decode(batch)
     rate = tokens / (time.perf_counter() - start)
     batch.close()

@@ -24,6 +24,7 @@ from enum import IntEnum
 from typing import Any, Iterator
 
 from backends.base import BackendError, GenerationParams, Message, ModelSpec, ParamError
+from chat.reply import Text
 from backends.locate import guess_backend
 from backends.manager import ModelManager
 
@@ -135,17 +136,17 @@ class _LagentLLM:
     def stream_chat(self, inputs: list[dict], **kwargs: Any) -> Iterator[tuple[ModelStatusCode, str, None]]:
         """(STREAM_ING, the reply so far, None) while it grows, then (END, the reply, None).
         A failure ends the stream with (SERVER_ERR, what went wrong and what to do, None)."""
-        messages, params = self._messages(inputs), self._params(**kwargs)
-        text = ""
+        reply = self.manager.reply(self._messages(inputs), self._params(**kwargs))
         try:
-            for chunk in self.manager.stream(messages, params):
-                if chunk.text:
-                    text += chunk.text
-                    yield ModelStatusCode.STREAM_ING, text, None
-        except BackendError as e:
-            yield ModelStatusCode.SERVER_ERR, str(e), None
+            for event in reply:
+                if isinstance(event, Text):
+                    yield ModelStatusCode.STREAM_ING, reply.text, None
+        finally:
+            reply.cancel()  # a caller that stops reading stops the engine (a no-op once it ended)
+        if reply.error is not None:
+            yield ModelStatusCode.SERVER_ERR, str(reply.error), None
             return
-        yield ModelStatusCode.END, text, None
+        yield ModelStatusCode.END, reply.text, None
 
     def chat(self, inputs: list[dict] | list[list[dict]], **kwargs: Any) -> str | list[str]:
         """The reply to a conversation (a list of {role, content}), or to each of a batch of them."""
@@ -155,7 +156,7 @@ class _LagentLLM:
         return replies if batched else replies[0]
 
     def _reply(self, messages: list[Message], params: GenerationParams) -> str:
-        return "".join(chunk.text for chunk in self.manager.stream(messages, params))
+        return self.manager.reply(messages, params).result()
 
     def _batch(self, conversations: list[list[Message]], params: GenerationParams) -> list[str]:
         """Replies to several conversations, in flight together so the engine can batch them."""

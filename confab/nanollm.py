@@ -17,7 +17,9 @@ import uuid
 from typing import Any, Callable, Iterable, Iterator
 
 from backends.base import GenerationParams, Message, ParamError, Usage
-from backends.tools import Tool, Toolset, ToolStep, stream_with_tools, tool, transcript_messages
+from chat.formats import Pythonic, ToolFormat
+from chat.reply import Text
+from chat.tools import Tool, Toolset, ToolStep, tool
 
 from ._models import open_model
 
@@ -30,23 +32,33 @@ def bot_function(func: Callable | None = None, *, name: str | None = None, docs:
     `@bot_function(name=..., docs=..., enabled=...)`). `docs` is "pydoc" (the docstring) or
     the description text itself."""
     text = None if docs in (None, "pydoc", "python") else docs
-    return tool(func, name=name, docs=text, enabled=enabled)
+
+    def register(fn: Callable) -> Callable:
+        marked = tool(fn, name=name, docs=text, enabled=enabled)
+        _BOT_FUNCTIONS[marked.__tool__.name] = marked.__tool__
+        return marked
+
+    return register(func) if func is not None else register
+
+
+# NanoLLM's registry: `BotFunctions()` means every `@bot_function` defined so far. It holds
+# definitions (like a registry of classes), is this API's alone, and no Confab tool uses it.
+_BOT_FUNCTIONS: dict[str, Tool] = {}
 
 
 class BotFunctions(Toolset):
     """The functions a bot may call: by default every `@bot_function` defined so far."""
 
     def __init__(self, functions: Iterable[Tool | Callable] | None = None) -> None:
-        if functions is None:
-            functions = Toolset.decorated().tools.values()
-        super().__init__(functions)
+        super().__init__(_BOT_FUNCTIONS.values() if functions is None else functions)
 
     def __iter__(self):
         return iter(t.fn for t in self.tools.values())
 
-    def dispatch(self, text: str) -> list[ToolStep]:
-        """Find the calls in a piece of model text and run each (errors come back as text)."""
-        return [self.run(call) for call in self.find_calls(text)]
+    def dispatch(self, text: str, fmt: ToolFormat | None = None) -> list[ToolStep]:
+        """Find the calls in a piece of model text (NanoLLM's backticked `name(...)` by default)
+        and run each (errors come back as text)."""
+        return [self.run(call) for call in (fmt or Pythonic()).find(text, set(self.tools))]
 
 
 class ChatHistory:
@@ -121,27 +133,20 @@ class ChatHistory:
         return pieces if streaming else "".join(pieces)
 
     def _stream(self, functions: Any, params: dict[str, Any]) -> Iterator[str]:
-        toolset = _toolset(functions) or self.functions or Toolset()
+        toolset = _toolset(functions) or self.functions or None
         settings = self.params.replace(**params) if params else self.params
-        stream = lambda messages, p, **kw: self.manager.stream(messages, p, self.session_id, **kw)  # noqa: E731
-        self.steps, reply = [], []
-        events = stream_with_tools(stream, self._with_system(), settings, toolset, self.manager.takes_tools())
+        reply = self.manager.reply(self._with_system(), settings, self.session_id, tools=toolset)
+        self.steps = reply.steps
         try:
-            for event in events:
-                if isinstance(event, ToolStep):
-                    self.messages += transcript_messages("".join(reply).strip(), [event])
-                    self.steps.append(event)
-                    reply = []
-                    continue
-                if event.usage is not None:
-                    self.usage = event.usage
-                if event.text:
-                    reply.append(event.text)
+            for event in reply:
+                if isinstance(event, Text):
                     yield event.text
         finally:
-            events.close()
-            if reply or not self.steps:  # a reply stopped early keeps what was said, as the page does
-                self.messages.append(Message("assistant", "".join(reply)))
+            reply.cancel()  # a caller that stops reading stops the engine (a no-op once it ended)
+            self.messages += reply.turn()  # what was said is kept, whatever ended the reply
+            self.usage = reply.usage
+        if reply.error is not None:
+            raise reply.error
 
     def close(self) -> None:
         """Unload the model if this history loaded it."""

@@ -12,6 +12,7 @@ from typing import Callable
 from backends.base import GenerationParams, Message, ModelSpec
 from backends.locate import guess_backend
 from backends.manager import ModelManager
+from chat.reply import Text
 
 
 class ChatModel:
@@ -35,13 +36,14 @@ class ChatModel:
         """The reply to `prompt` (without the prompt), cut before the next human turn."""
         params = GenerationParams(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                   top_k=top_k, stop=(f"{self.human_id}:",))
-        pieces = []
-        for chunk in self.manager.stream([Message("user", prompt)], params):
-            if chunk.text:
-                pieces.append(chunk.text)
-                if stream_callback is not None:
-                    stream_callback(chunk.text)
-        return "".join(pieces)
+        reply = self.manager.reply([Message("user", prompt)], params)
+        try:
+            for event in reply:
+                if isinstance(event, Text) and stream_callback is not None:
+                    stream_callback(event.text)
+        finally:
+            reply.cancel()  # a callback that raises stops the engine too (a no-op once it ended)
+        return reply.result()
 
     def close(self) -> None:
         self.manager.unload()

@@ -120,15 +120,12 @@ class BaseLLM:
 
     def _generate(self, messages: list[Message], params: GenerationParams) -> str:
         system = [Message("system", self.system_prompt)] if self.system_prompt else []
-        pieces, usage = [], None
-        for chunk in self.manager.stream([*system, *messages], params):
-            pieces.append(chunk.text)
-            usage = chunk.usage or usage
-        self.last_usage = usage
-        reply = "".join(pieces)
+        reply = self.manager.reply([*system, *messages], params)
+        text = reply.result()
+        self.last_usage = reply.usage
         if self._log_handler is not None:
-            self.log_event(f"generated {usage.completion_tokens if usage else 0} tokens: {self.metrics()}")
-        return reply
+            self.log_event(f"generated {reply.usage.completion_tokens} tokens: {self.metrics()}")
+        return text
 
     # ---- metrics ---------------------------------------------------------------------------------
     def _tokens_per_second(self) -> float | None:

@@ -6,10 +6,9 @@ It is never used to test an engine."""
 from __future__ import annotations
 
 import threading
-import time
 
 from backends import register
-from backends.base import BackendError, Clock, GenerationParams, Job, Message, Prompt, Usage
+from backends.base import BackendError, Cancel, Clock, GenerationParams, Job, Message, Prompt, Usage
 from backends.prompting import chunks_from_deltas, fit_context
 
 
@@ -38,18 +37,19 @@ class FakeEngineBackend:
         prompt, dropped = fit_context(self.render, messages, params, self.n_ctx)
         return Job(messages, params, prompt, dropped)
 
-    def run(self, job: Job, session_id=None):
-        clock = Clock()
+    def run(self, job: Job, session_id=None, cancel: Cancel | None = None):
+        clock, cancel = Clock(), cancel or Cancel()
         usage = Usage(prompt_tokens=len(job.prompt.token_ids), dropped_messages=job.dropped)
-        yield from chunks_from_deltas(self._deltas(job.params), job.params, usage, clock)
+        yield from chunks_from_deltas(self._deltas(job.params, cancel), job.params, usage, clock, cancel=cancel)
 
     def stream(self, messages, params: GenerationParams, session_id=None):
         yield from self.run(self.prepare(messages, params), session_id)
 
-    def _deltas(self, params):
+    def _deltas(self, params, cancel: Cancel):
         try:
             for i, word in enumerate(self.reply.split()[: params.max_new_tokens], 1):
-                time.sleep(self.step_delay)
+                if cancel.wait(self.step_delay) if self.step_delay else cancel.is_set():
+                    return
                 self.steps += 1
                 yield (" " if i > 1 else "") + word, i
         finally:

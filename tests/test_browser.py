@@ -6,31 +6,14 @@ import time
 
 import pytest
 
-from conftest import ARTIFACTS
+from conftest import ARTIFACTS  # the `page` fixture is in conftest.py
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.timeout(300),
     pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium (apt-get install chromium)"),
 ]
 BOT = "#chatbot [data-testid='bot']"
 USER = "#chatbot [data-testid='user']"
-
-
-@pytest.fixture
-def page(app):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--disable-background-networking"],
-        )
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(app.url, wait_until="domcontentloaded")
-        page.wait_for_selector("#chat-input textarea", timeout=60_000)
-        yield page
-        browser.close()
 
 
 def texts(page, selector):
@@ -43,7 +26,9 @@ def send(page, text):
 
 
 def wait_done(page, timeout=60):
-    page.wait_for_function("document.querySelector('#status').innerText.includes('tok/s')", timeout=timeout * 1000)
+    """Until a reply has ended normally (a stopped one's status line says "stopped")."""
+    page.wait_for_function("(s => s.includes('tok/s') && !s.includes('stopped') && !s.includes('Thinking'))"
+                           "(document.querySelector('#status').innerText)", timeout=timeout * 1000)
 
 
 def test_chat_in_a_real_browser(page, app):

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from conftest import ARTIFACTS, RunningApp, free_port
-from test_browser import BOT, CHROMIUM, USER, send, texts, wait_done
+from conftest import ARTIFACTS, CHROMIUM, RunningApp, free_port
+from test_browser import BOT, USER, send, texts, wait_done
 
 pytestmark = [
     pytest.mark.timeout(300),

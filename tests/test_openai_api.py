@@ -1,5 +1,6 @@
 """The OpenAI-compatible API on the launched app, driven by the official `openai` client."""
 
+import json
 import time
 
 import httpx
@@ -68,7 +69,6 @@ def test_sampling_fields_and_extensions_are_honoured(client):
         ({"n": 2}, 400, "n=1"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
         ({"messages": []}, 400, "at least one"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "client-side tools"),
     ],
 )
 def test_errors_use_openai_shape_and_status(client, kwargs, status, words):
@@ -109,3 +109,69 @@ def test_no_model_loaded_is_503(app):
         assert err.value.status_code == 503 and "No model is loaded" in err.value.message
     finally:
         gc.predict(choice="smollm2-llamacpp", custom="", backend="llamacpp", api_name="/load")
+
+
+def test_a_whole_completion_whose_client_goes_away_stops_the_engine(keyed_app, client):
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up, and closes the connection
+        httpx.post(keyed_app.url + "/v1/chat/completions", headers={"Authorization": "Bearer test-key"},
+                   json={"messages": [{"role": "user", "content": "Write a very long story."}],
+                         "max_tokens": 3000, "temperature": 0}, timeout=1.5)
+    start = time.monotonic()  # one reply at a time here: a runaway one would hold the engine ~30 s
+    r = client.chat.completions.create(model="smollm2-llamacpp", messages=PARIS, temperature=0, max_tokens=32)
+    assert "Paris" in r.choices[0].message.content and time.monotonic() - start < 10
+
+
+def _calculator_few_shot():
+    """A few worked examples, so the 135M model writes a real call (as an agent framework's
+    history would hold them: assistant tool_calls, then tool results)."""
+    messages = [{"role": "system", "content": "You are a helpful assistant with a calculator tool."}]
+    for i, (q, e, r) in enumerate([("What is 2+3?", "2+3", "5"), ("What is 10*4?", "10*4", "40")]):
+        call = {"id": f"call_{i}", "type": "function",
+                "function": {"name": "calculator", "arguments": json.dumps({"expression": e})}}
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": f"call_{i}", "content": r},
+                     {"role": "assistant", "content": f"{e} = {r}."}]
+    return messages
+
+
+def test_an_agent_loop_with_client_side_tools(client):
+    from chat.tools import load_tools_dir
+    from conftest import ROOT
+
+    calculator = load_tools_dir(ROOT / "tools")["calculator"]
+    messages = [*_calculator_few_shot(), {"role": "user", "content": "What is 12*7?"}]
+    first = client.chat.completions.create(model="smollm2-llamacpp", messages=messages, temperature=0,
+                                           max_tokens=60, tools=[calculator.schema()])
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "calculator" and call.id.startswith("call_")
+    arguments = json.loads(call.function.arguments)
+    assert arguments == {"expression": "12*7"} and "<tool_call>" not in (choice.message.content or "")
+    result = calculator.invoke(arguments)  # the client runs its own tool
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": result}]
+    final = client.chat.completions.create(model="smollm2-llamacpp", messages=messages, temperature=0,
+                                           max_tokens=40, tools=[calculator.schema()])
+    assert final.choices[0].finish_reason == "stop" and final.choices[0].message.content.strip()
+    assert not final.choices[0].message.tool_calls
+
+    stream = client.chat.completions.create(model="smollm2-llamacpp", messages=messages[:-2], temperature=0,
+                                            max_tokens=60, tools=[calculator.schema()], stream=True)
+    chunks = list(stream)
+    streamed = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or []) if c.choices]
+    assert [tc.function.name for tc in streamed] == ["calculator"]
+    assert json.loads(streamed[0].function.arguments) == {"expression": "12*7"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+
+
+def test_bad_tools_and_tool_choice_are_named(client):
+    with pytest.raises(openai.BadRequestError, match=r"tools\[0\] must be"):
+        client.chat.completions.create(model="smollm2-llamacpp", messages=PARIS, tools=[{"type": "web"}])
+    with pytest.raises(openai.BadRequestError, match="tool_choice names 'nope'"):
+        client.chat.completions.create(
+            model="smollm2-llamacpp", messages=PARIS, tool_choice={"type": "function", "function": {"name": "nope"}},
+            tools=[{"type": "function", "function": {"name": "calc", "parameters": {"type": "object"}}}])
+    with pytest.raises(openai.BadRequestError, match=r"messages\[1\].tool_calls must be"):
+        client.chat.completions.create(model="smollm2-llamacpp", messages=[
+            PARIS[0], {"role": "assistant", "content": "", "tool_calls": [{"id": "x"}]}, PARIS[0]])

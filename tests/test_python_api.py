@@ -45,7 +45,7 @@ def test_chatmodel_on_transformers_with_openchatkit_arguments(tiny_model_dir):
 # ---- NanoLLM: ChatHistory, bot_function, BotFunctions ------------------------------------------
 from backends.base import ParamError  # noqa: E402
 from backends.manager import ModelManager  # noqa: E402
-from backends.tools import load_tools_dir  # noqa: E402
+from chat.tools import load_tools_dir  # noqa: E402
 from confab import BotFunctions, ChatHistory, bot_function  # noqa: E402
 from confab._models import spec_for  # noqa: E402
 from conftest import ROOT  # noqa: E402

@@ -69,7 +69,7 @@ def test_closing_the_stream_stops_the_engine_and_frees_the_manager():
     next(stream), next(stream)
     stream.close()
     assert m._backend.closed.is_set() and m._backend.steps == 2
-    assert m._active == 0 and not m._line
+    assert not m._active and not m._line
 
 
 def test_failed_load_puts_the_previous_model_back_and_says_so():
@@ -120,14 +120,14 @@ def test_replies_beyond_capacity_wait_in_line_and_are_told_their_place():
     assert next(first).text == "one"
     second = m.stream([Message("user", "b")], GenerationParams())
     third = m.stream([Message("user", "c")], GenerationParams())
-    assert next(second).waiting == 1
-    assert next(third).waiting == 2
+    assert next(second).ahead == 1
+    assert next(third).ahead == 2
     first.close()
     assert next(second).text == "one"  # admitted as soon as the first one ended
     second.close()
     assert next(third).text == "one"
     third.close()
-    assert m._active == 0 and not m._line
+    assert not m._active and not m._line
 
 
 def test_engines_that_batch_run_replies_side_by_side_up_to_the_limit():
@@ -136,7 +136,7 @@ def test_engines_that_batch_run_replies_side_by_side_up_to_the_limit():
     m._backend.max_concurrent = 8
     streams = [m.stream([Message("user", str(i))], GenerationParams()) for i in range(3)]
     firsts = [next(s) for s in streams]
-    assert [f.text for f in firsts[:2]] == ["one", "one"] and firsts[2].waiting == 1
+    assert [f.text for f in firsts[:2]] == ["one", "one"] and firsts[2].ahead == 1
     for s in streams:
         s.close()
 
@@ -147,7 +147,7 @@ def test_a_waiting_reply_that_is_cancelled_leaves_the_line():
     first = m.stream([Message("user", "a")], GenerationParams())
     next(first)
     second = m.stream([Message("user", "b")], GenerationParams())
-    assert next(second).waiting == 1
+    assert next(second).ahead == 1
     second.close()
     assert not m._line
     first.close()

@@ -8,18 +8,10 @@ import pytest
 
 from backends.base import BackendError, GenerationParams, Message, ModelSpec
 from backends.manager import ModelManager
-from backends.tools import (
-    Tool,
-    ToolCall,
-    Toolset,
-    ToolStep,
-    call_from_title,
-    load_tools_dir,
-    parse_json_call,
-    stream_with_tools,
-    tool,
-)
-from ui.chat import clean_history, export_json, import_json, step_message, to_messages
+from chat.formats import Hermes, Llama3, Pythonic, ToolCall, detect, parse_json_call
+from chat.reply import Reply
+from chat.tools import Tool, Toolset, ToolStep, load_tools_dir, tool
+from ui.chat import clean_history, export_json, import_json, step_call, step_message, to_messages
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = load_tools_dir(ROOT / "tools")
@@ -82,16 +74,15 @@ def test_unknown_tools_and_failing_tools_are_reported_to_the_model():
     assert not failed.ok and "RuntimeError: disk on fire" in failed.output
 
 
-def test_decorator_marks_and_registers(tmp_path):
+def test_decorator_marks_without_registering(tmp_path):
     @tool(name="shout", docs="Upper-case the text.\n\nArgs:\n    text: what to shout")
     def loud(text: str) -> str:
         return text.upper()
 
     assert loud("hi") == "HI"  # still a plain function
     assert loud.__tool__.name == "shout"
-    assert Toolset.decorated(["shout"]).run(ToolCall("shout", {"text": "hey"})).output == "HEY"
-    with pytest.raises(BackendError, match="Unknown tool 'nope'"):
-        Toolset.decorated(["nope"])
+    assert Toolset([loud]).run(ToolCall("shout", {"text": "hey"})).output == "HEY"
+    assert "shout" not in Toolset().tools  # no process-wide registry: a toolset holds what it is given
 
     @tool(enabled=False)
     def hidden() -> str:
@@ -109,27 +100,67 @@ def test_varargs_cannot_be_tools():
 
 
 # ---- reading calls ---------------------------------------------------------------------------
-def test_calls_are_read_in_the_common_formats():
-    ts = Toolset(TOOLS.values())
-    tagged = ts.find_calls("Let me work it out.\n" + call_text("12*7"))
+def test_each_format_reads_its_own_calls_and_only_those():
+    known = set(TOOLS)
+    tagged = Hermes().find("Let me work it out.\n" + call_text("12*7"), known)
     assert tagged == [ToolCall("calculator", {"expression": "12*7"})]
-    unterminated = ts.find_calls('<tool_call>\n{"name": "calculator", "arguments": {"expression": "1+1"}}\n')
+    unterminated = Hermes().find('<tool_call>\n{"name": "calculator", "arguments": {"expression": "1+1"}}\n', known)
     assert unterminated == [ToolCall("calculator", {"expression": "1+1"})]
-    llama31 = ts.find_calls('{"name": "current_time", "parameters": {"timezone": "UTC"}}')
+    two = Hermes().find(call_text("1+1") + "\n" + call_text("2+2"), known)  # parallel calls in one round
+    assert [c.arguments["expression"] for c in two] == ["1+1", "2+2"] and two[0].id != two[1].id
+    llama31 = Llama3().find('{"name": "current_time", "parameters": {"timezone": "UTC"}}', known)
     assert llama31 == [ToolCall("current_time", {"timezone": "UTC"})]
-    nanollm = ts.find_calls('The time is `current_time("Europe/Paris")`.')
+    assert len(Llama3().find('<|python_tag|>{"name": "calculator", "parameters": {"expression": "1"}}; '
+                             '{"name": "current_time", "parameters": {}}', known)) == 2
+    nanollm = Pythonic().find('The time is `current_time("Europe/Paris")`.', known)
     assert nanollm == [ToolCall("current_time", {}, ("Europe/Paris",))]
-    assert ts.find_calls('Here is JSON: {"name": "Ann", "age": 3}') == []  # not a call of a known tool
-    assert ts.find_calls("use `print('x')` in Python") == []
+    listed = Pythonic().find('[calculator(expression="1+1"), current_time(timezone="UTC")]', known)
+    assert [c.name for c in listed] == ["calculator", "current_time"]
+    # No guessing across formats: each reads only its own.
+    assert Hermes().find('{"name": "current_time", "parameters": {}}', known) == []
+    assert Llama3().find(call_text("1+1"), known) == [] and Pythonic().find(call_text("1+1"), known) == []
+    assert Llama3().find('{"name": "Ann", "age": 3}', known) == []  # JSON that names no tool is an answer
+    assert Pythonic().find("use `print('x')` in Python", known) == []
     string_args = parse_json_call('{"name": "calculator", "arguments": "{\\"expression\\": \\"2\\"}"}')
     assert string_args == ToolCall("calculator", {"expression": "2"})
+
+
+def test_the_format_comes_from_the_preset_or_the_template():
+    assert isinstance(detect("{% if tools %}<tool_call>{{ t }}</tool_call>{% endif %}"), Hermes)
+    assert isinstance(detect("<|start_header_id|>ipython<|end_header_id|> <|python_tag|>"), Llama3)
+    assert isinstance(detect("[func_name1(params_name1=params_value1), func_name2(...)]"), Pythonic)
+    assert isinstance(detect(None), Hermes)
+    with pytest.raises(BackendError, match="tool_format must be one of hermes, llama3, pythonic"):
+        ModelSpec(name="m", backend="llamacpp", model="embedded", tool_format="xml")
+
+
+def test_a_tool_past_its_time_limit_or_a_cancelled_reply_stops_the_wait():
+    import threading
+    import time
+
+    from backends.base import Cancel
+
+    def slow() -> str:
+        """Sleeps."""
+        time.sleep(5)
+        return "late"
+
+    ts = Toolset([slow], timeout_s=0.2)
+    start = time.perf_counter()
+    step = ts.run(ToolCall("slow"))
+    assert not step.ok and "took longer than 0.2 s" in step.output and time.perf_counter() - start < 1
+    cancel = Cancel()
+    threading.Timer(0.1, cancel.set).start()
+    start = time.perf_counter()
+    step = Toolset([slow]).run(ToolCall("slow"), cancel)
+    assert not step.ok and "stopped" in step.output and time.perf_counter() - start < 0.3
 
 
 def test_model_text_is_never_executed(tmp_path):
     marker = tmp_path / "pwned"
     ts = Toolset(TOOLS.values())
     for text in (f"`calculator(open({str(marker)!r}, 'w'))`", f"`calculator(__import__('os').system('touch {marker}'))`"):
-        steps = [ts.run(c) for c in ts.find_calls(text)]
+        steps = [ts.run(c) for c in Pythonic().find(text, set(ts.tools))]
         assert steps and not steps[0].ok and "plain values" in steps[0].output
     step = ts.run(ToolCall("calculator", {"expression": f"__import__('os').system('touch {marker}')"}))
     assert not step.ok and "unsupported part" in step.output
@@ -138,7 +169,7 @@ def test_model_text_is_never_executed(tmp_path):
 
 def test_malformed_json_calls_come_back_as_errors():
     ts = Toolset(TOOLS.values())
-    [call] = ts.find_calls('<tool_call>{"name": "calculator", "arguments": {"expression": }</tool_call>')
+    [call] = Hermes().find('<tool_call>{"name": "calculator", "arguments": {"expression": }</tool_call>', set(ts.tools))
     step = ts.run(call)
     assert not step.ok and "not valid JSON" in step.output
 
@@ -155,10 +186,10 @@ def test_calculator_and_clock_tools():
 
 
 def test_tools_folder_loading(tmp_path):
-    (tmp_path / "a.py").write_text("from backends.tools import tool\n@tool\ndef ping() -> str:\n    'Pong.'\n    return 'pong'\n")
+    (tmp_path / "a.py").write_text("from chat.tools import tool\n@tool\ndef ping() -> str:\n    'Pong.'\n    return 'pong'\n")
     (tmp_path / "_private.py").write_text("raise SystemExit('never imported')\n")
     assert list(load_tools_dir(tmp_path)) == ["ping"]
-    (tmp_path / "b.py").write_text("from backends.tools import tool\n@tool\ndef ping() -> str:\n    return 'again'\n")
+    (tmp_path / "b.py").write_text("from chat.tools import tool\n@tool\ndef ping() -> str:\n    return 'again'\n")
     with pytest.raises(BackendError, match="Two tools are named 'ping'"):
         load_tools_dir(tmp_path)
     (tmp_path / "b.py").write_text("import nonexistent_module_xyz\n")
@@ -175,23 +206,36 @@ def manager(llama_backend):
     m.unload()
 
 
+class Spy:
+    """The real manager, with each round's conversation and `tools=` recorded."""
+
+    def __init__(self, manager):
+        self.manager, self.rounds, self.kwargs = manager, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.manager, name)
+
+    def stream(self, messages, params, session=None, **kwargs):
+        self.rounds.append(messages)
+        self.kwargs.append(kwargs)
+        return self.manager.stream(messages, params, session, **kwargs)
+
+
 def test_model_calls_a_tool_and_goes_on_with_its_result(manager):
-    rounds = []
-
-    def spy(messages, params, **kwargs):
-        rounds.append(messages)
-        return manager.stream(messages, params, **kwargs)
-
-    events = list(stream_with_tools(spy, [*FEW_SHOT, Message("user", "What is 12*7?")], GREEDY,
-                                    Toolset([TOOLS["calculator"]])))
+    spy = Spy(manager)
+    reply = Reply(spy, [*FEW_SHOT, Message("user", "What is 12*7?")], GREEDY, tools=Toolset([TOOLS["calculator"]]))
+    events = list(reply)
     steps = [e for e in events if isinstance(e, ToolStep)]
     assert steps == [ToolStep(ToolCall("calculator", {"expression": "12*7"}), "84", True, steps[0].seconds)]
     # The second round shows the model its call and the result (how well a 135M model then uses
     # the number is the model's business).
-    assert len(rounds) == 2 and rounds[1][-2:] == [Message("assistant", steps[0].call.to_text()), Message("tool", "84")]
-    text = "".join(e.text for e in events if not isinstance(e, ToolStep))
-    assert text.strip() and "<tool_call>" not in text  # the call is a step, not reply text
-    assert events[-1].finish_reason == "stop" and events[-1].usage.completion_tokens > 0
+    assert len(spy.rounds) == 2
+    assert spy.rounds[1][-2:] == [Message("assistant", Hermes().write([steps[0].call])), Message("tool", "84")]
+    assert reply.text.strip() and "<tool_call>" not in reply.text  # the call is a step, not reply text
+    assert reply.finish_reason == "stop" and reply.steps == steps
+    # Usage is summed over both rounds.
+    assert reply.usage.prompt_tokens > len(manager.render(spy.rounds[0]).token_ids)
+    assert reply.turn()[:2] == spy.rounds[1][-2:] and reply.turn()[-1].role == "assistant"
 
 
 def test_a_failing_call_goes_back_to_the_model_as_an_error(manager):
@@ -200,24 +244,17 @@ def test_a_failing_call_goes_back_to_the_model_as_an_error(manager):
         """Needs a number."""
         return str(expression)
 
-    rounds = []
-
-    def spy(messages, params, **kwargs):
-        rounds.append(messages)
-        return manager.stream(messages, params, **kwargs)
-
-    events = list(stream_with_tools(spy, [*FEW_SHOT, Message("user", "What is 12*7?")], GREEDY, Toolset([strict]),
-                                    max_rounds=1))
-    failed = [e for e in events if isinstance(e, ToolStep)][0]
+    spy = Spy(manager)
+    reply = Reply(spy, [*FEW_SHOT, Message("user", "What is 12*7?")], GREEDY, tools=Toolset([strict]), max_rounds=1)
+    failed = [e for e in reply if isinstance(e, ToolStep)][0]
     assert not failed.ok and "Invalid arguments for calculator (expression: Input should be a valid integer" in failed.output
-    assert rounds[1][-1] == Message("tool", failed.output)
-    assert events[-1].finish_reason == "stop"
+    assert spy.rounds[1][-1] == Message("tool", failed.output)
+    assert reply.finish_reason == "stop"
 
 
 def test_without_tools_nothing_is_parsed_or_run(manager):
-    events = list(stream_with_tools(manager.stream, [*FEW_SHOT, Message("user", "What is 12*7?")], GREEDY, Toolset()))
-    assert not [e for e in events if isinstance(e, ToolStep)]
-    assert "<tool_call>" in "".join(e.text for e in events)  # shown as the model wrote it
+    reply = manager.reply([*FEW_SHOT, Message("user", "What is 12*7?")], GREEDY).wait()
+    assert not reply.steps and "<tool_call>" in reply.text  # shown as the model wrote it
 
 
 def test_templates_that_take_tools_get_them(tmp_path, llama_backend):
@@ -233,14 +270,9 @@ def test_templates_that_take_tools_get_them(tmp_path, llama_backend):
         assert m.takes_tools()
         ts = Toolset(TOOLS.values())
         assert "TOOLS calculator,current_time" in m.render([Message("user", "hi")], tools=ts.schemas()).text
-        seen = []
-
-        def spy(messages, params, **kwargs):
-            seen.append(kwargs)
-            return m.stream(messages, params, **kwargs)
-
-        list(stream_with_tools(spy, [Message("user", "hi")], GREEDY.replace(max_new_tokens=4), ts, takes_tools=True))
-        assert [t["function"]["name"] for t in seen[0]["tools"]] == ["calculator", "current_time"]
+        spy = Spy(m)
+        Reply(spy, [Message("user", "hi")], GREEDY.replace(max_new_tokens=4), tools=ts).wait()
+        assert [t["function"]["name"] for t in spy.kwargs[0]["tools"]] == ["calculator", "current_time"]
     finally:
         m.unload()
 
@@ -259,12 +291,14 @@ def test_steps_round_trip_through_the_chat_and_its_export():
     history = [{"role": "user", "content": "What is 12*7?"}, {"role": "assistant", "content": "Let me check."},
                step_message(step), {"role": "assistant", "content": "It is 84."}]
     assert step_message(step)["metadata"]["title"] == "Tool: calculator(expression='12*7')"
-    assert call_from_title(step.title) == step.call
+    assert step_call(step_message(step)["metadata"]) == step.call  # kept as data, id and all
+    assert step_call(step_message(step)["metadata"]).id == step.call.id
+    assert step_call({"title": step.title}) == step.call  # chats saved before calls were data
     kept = clean_history(history + [{"role": "assistant", "content": "hmm", "metadata": {"title": "Thinking"}}])
     assert kept == clean_history(history) and kept[2]["metadata"]["title"] == step.title
     messages = to_messages(kept, "Be brief.")
     assert [m.role for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
-    assert messages[2].content == "Let me check.\n" + step.call.to_text() and messages[3].content == "84"
+    assert messages[2].content == "Let me check.\n" + Hermes().write([step.call]) and messages[3].content == "84"
     back, system = import_json(export_json(kept, "Be brief."))
     def titles(h):  # the step's duration is not part of the OpenAI format
         return [{**m, "metadata": m["metadata"]["title"]} if "metadata" in m else m for m in h]

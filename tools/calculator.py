@@ -4,7 +4,7 @@ import ast
 import math
 import operator
 
-from backends.tools import tool
+from chat.tools import tool
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}

@@ -3,7 +3,7 @@
 from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from backends.tools import tool
+from chat.tools import tool
 
 
 @tool

@@ -2,9 +2,12 @@
 
 Gradio's Chatbot holds messages as dicts whose content may be a list of parts; the model
 layer wants `Message`s. A tool call shows in the chat as an assistant message whose metadata
-title is the call (`Tool: calculator(expression='12*7')`) and whose content is the result; it goes
-back to the model as the call and a `tool` message. Export and import use the OpenAI messages
-format: a JSON list of {"role", "content"}.
+title is the call (`Tool: calculator(expression='12*7')`), whose metadata id holds the call as
+data (`call:{"id", "name", "arguments"}`, the one field Gradio keeps that the page does not show),
+and whose content is the result; it goes back to the model as the call, written in the model's
+own format, and a `tool` message. A reply that was stopped or failed part way keeps its text
+with a visible mark (`mark`), which never goes back to the model. Export and import use the
+OpenAI messages format: a JSON list of {"role", "content"}, calls as `tool_calls`.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import json
 from typing import Any
 
 from backends.base import GenerationParams, Message, ParamError, Usage, valid_text
-from backends.tools import CALL_START, Toolset, ToolStep, call_from_title, transcript_messages
+from chat.formats import Hermes, ToolCall, ToolFormat, parse_python_call
+from chat.tools import STEP_PREFIX, ToolStep, transcript_messages
 from web.policy import Limits
 
 # The sampling controls, in the order the UI lists them and handlers receive them.
@@ -29,6 +33,20 @@ PARAM_FIELDS = (
     "stop",
 )
 RANDOM_SEED = -1  # what the seed box shows for "pick a new seed each time"
+MARKS = {"cancelled": "\n\n*(stopped)*", "error": "\n\n*(failed)*"}  # after a reply that ended so
+CALL_ID = "call:"  # a tool step's metadata id: this prefix, then the call as JSON
+
+
+def mark(text: str, finish_reason: str | None) -> str:
+    """A reply's text as the page shows it: marked when it was stopped or failed part way."""
+    return text + MARKS.get(finish_reason or "", "")
+
+
+def unmark(text: str) -> str:
+    for suffix in MARKS.values():
+        if text.endswith(suffix):
+            return text[: -len(suffix)]
+    return text
 
 
 def flatten(content: Any) -> str:
@@ -60,13 +78,13 @@ def clean_history(history: Any) -> list[dict[str, Any]]:
     for item in history if isinstance(history, list) else []:
         if not isinstance(item, dict) or item.get("role") not in ("user", "assistant"):
             continue
-        meta = item.get("metadata") or {}
-        title = meta.get("title") if isinstance(meta, dict) else None
-        if title and not (item["role"] == "assistant" and call_from_title(str(title))):
+        meta = item.get("metadata") if isinstance(item.get("metadata"), dict) else {}
+        call = step_call(meta) if item["role"] == "assistant" else None
+        if meta.get("title") and call is None:
             continue
         clean = {"role": item["role"], "content": valid_text(flatten(item.get("content")))}
-        if title:
-            clean["metadata"] = {"title": str(title), "status": "done"}
+        if call is not None:
+            clean = {**step_message(ToolStep(call, clean["content"], True)), "content": clean["content"]}
             if isinstance(meta.get("duration"), (int, float)):
                 clean["metadata"]["duration"] = meta["duration"]
         out.append(clean)
@@ -74,44 +92,74 @@ def clean_history(history: Any) -> list[dict[str, Any]]:
 
 
 def step_message(step: ToolStep) -> dict[str, Any]:
-    """A tool call and its result as one collapsible chat message."""
+    """A tool call and its result as one collapsible chat message, the call kept as data."""
+    data = json.dumps(step.call.to_data(), ensure_ascii=False)
     return {"role": "assistant", "content": step.output,
-            "metadata": {"title": step.title, "status": "done", "duration": round(step.seconds, 3)}}
+            "metadata": {"title": step.title, "id": CALL_ID + data, "status": "done",
+                         "duration": round(step.seconds, 3)}}
 
 
-def to_messages(history: list[dict[str, Any]], system_prompt: str | None) -> list[Message]:
+def step_call(meta: dict[str, Any]) -> ToolCall | None:
+    """The call a step message holds: its data in the metadata id (a title alone, from chats
+    saved before calls were kept as data, is read back as a call too)."""
+    ident = meta.get("id")
+    if isinstance(ident, str) and ident.startswith(CALL_ID):
+        try:
+            return ToolCall.from_data(json.loads(ident[len(CALL_ID):]))
+        except (json.JSONDecodeError, RecursionError):
+            return None
+    title = meta.get("title")
+    if isinstance(title, str) and title.startswith(STEP_PREFIX):
+        call = parse_python_call(title[len(STEP_PREFIX):])
+        return None if call.error else call
+    return None
+
+
+def to_messages(history: list[dict[str, Any]], system_prompt: str | None,
+                fmt: ToolFormat | None = None) -> list[Message]:
     """Chat history -> Messages. A run of tool steps becomes what the model wrote (the assistant
-    text before them and the calls, in one message) and then each result: `transcript_messages`."""
+    text before them and the calls, in `fmt`, the model's own format) and then each result."""
     messages = [Message("system", system_prompt.strip())] if system_prompt and system_prompt.strip() else []
-    said: str | None = None  # assistant text that tool steps may follow
-    steps: list[ToolStep] = []
-    for m in [*history, None]:  # None flushes what is pending
-        call = call_from_title((m.get("metadata") or {}).get("title", "")) if m else None
-        if call is not None:
-            steps.append(ToolStep(call, m["content"], True))
-            continue
+    for said, steps, m in _runs(history):
         if steps:
-            messages += transcript_messages(said or "", steps)
+            messages += transcript_messages(said or "", steps, fmt)
         elif said is not None:
             messages.append(Message("assistant", said))
-        said, steps = None, []
-        if m is not None and m["role"] == "assistant":
-            said = m["content"]
-        elif m is not None:
+        if m is not None:
             messages.append(Message(m["role"], m["content"]))
     return messages
 
 
-def history_from_messages(messages: list[Message]) -> list[dict[str, Any]]:
-    """The inverse of to_messages for chats that used tools: calls and results become steps."""
+def _runs(history: list[dict[str, Any]]):
+    """(assistant text, the tool steps after it, the next user message) for each stretch of a chat."""
+    said: str | None = None
+    steps: list[ToolStep] = []
+    for m in [*history, None]:  # None flushes what is pending
+        call = step_call(m.get("metadata") or {}) if m and m["role"] == "assistant" else None
+        if call is not None:
+            steps.append(ToolStep(call, m["content"], True))
+            continue
+        if m is not None and m["role"] == "assistant":
+            if steps or said is not None:
+                yield said, steps, None
+            said, steps = unmark(m["content"]), []
+            continue
+        yield said, steps, m
+        said, steps = None, []
+
+
+def history_from_messages(messages: list[Message], calls: dict[int, list[ToolCall]] | None = None) -> list[dict[str, Any]]:
+    """The inverse of to_messages: calls (given as data by index, else read from Hermes text) and
+    their results become steps."""
     history: list[dict[str, Any]] = []
-    pending: list = []
-    for m in messages:
-        if m.role == "assistant" and CALL_START in m.content:
-            said = m.content.split(CALL_START)[0].strip()
+    pending: list[ToolCall] = []
+    for i, m in enumerate(messages):
+        made = (calls or {}).get(i) or (Hermes().find(m.content, set()) if m.role == "assistant" else [])
+        if m.role == "assistant" and made:
+            said = Hermes().said(m.content)
             if said:
                 history.append({"role": "assistant", "content": said})
-            pending = Toolset().find_calls(m.content)
+            pending = list(made)
         elif m.role == "tool":
             call = pending.pop(0) if pending else None
             if call is None or call.error:
@@ -153,8 +201,21 @@ def ui_values(params: GenerationParams) -> list[Any]:
 
 
 def export_json(history: list[dict], system_prompt: str | None) -> str:
-    messages = [m.to_dict() for m in to_messages(clean_history(history), system_prompt)]
-    return json.dumps(messages, ensure_ascii=False, indent=2)
+    """OpenAI messages: tool calls as `tool_calls` data, results as `tool` messages with their call's id."""
+    out: list[dict[str, Any]] = [{"role": "system", "content": system_prompt.strip()}] \
+        if system_prompt and system_prompt.strip() else []
+    for said, steps, m in _runs(clean_history(history)):
+        if steps:
+            out.append({"role": "assistant", "content": said or "", "tool_calls": [
+                {"id": s.call.id, "type": "function",
+                 "function": {"name": s.call.name, "arguments": json.dumps(s.call.arguments, ensure_ascii=False)}}
+                for s in steps]})
+            out += [{"role": "tool", "tool_call_id": s.call.id, "content": s.output} for s in steps]
+        elif said is not None:
+            out.append({"role": "assistant", "content": said})
+        if m is not None:
+            out.append({"role": m["role"], "content": m["content"]})
+    return json.dumps(out, ensure_ascii=False, indent=2)
 
 
 def import_json(text: str, limits: Limits | None = None) -> tuple[list[dict[str, str]], str]:
@@ -171,7 +232,7 @@ def import_json(text: str, limits: Limits | None = None) -> tuple[list[dict[str,
         raise ParamError(f"The file holds a {type(data).__name__}, not a list of messages. {hint}")
     limits = limits or Limits()
     limits.check_count(len(data))
-    system, messages = "", []
+    system, messages, calls = "", [], {}
     for i, item in enumerate(data, 1):
         if not isinstance(item, dict) or "role" not in item or "content" not in item:
             raise ParamError(f"Message {i} has no role or no content. {hint}")
@@ -180,10 +241,23 @@ def import_json(text: str, limits: Limits | None = None) -> tuple[list[dict[str,
         if role == "system":
             system = content
         elif role in ("user", "assistant", "tool"):
+            if role == "assistant" and item.get("tool_calls"):
+                calls[len(messages)] = _calls_from_data(item["tool_calls"], i)
             messages.append(Message(role, content))
         else:
             raise ParamError(f"Message {i} has role {role!r}; only system, user, assistant and tool can be imported.")
-    return history_from_messages(messages), system
+    return history_from_messages(messages, calls), system
+
+
+def _calls_from_data(raw: Any, index: int) -> list[ToolCall]:
+    """OpenAI `tool_calls` ([{"id", "type": "function", "function": {"name", "arguments"}}]) -> calls."""
+    items = raw if isinstance(raw, list) else []
+    calls = [ToolCall.from_data({"id": c.get("id"), **c["function"]}) if isinstance(c, dict) and
+             isinstance(c.get("function"), dict) else None for c in items]
+    if not calls or None in calls:
+        raise ParamError(f"Message {index} has tool_calls that are not a list of "
+                         '{"id", "type": "function", "function": {"name", "arguments"}}.')
+    return calls
 
 
 def format_status(info: dict[str, Any], usage: Usage | None = None, note: str = "") -> str:

@@ -1,8 +1,8 @@
 """Gradio event handlers: plain (generator) functions over the manager, no layout.
 
 Per-user state arrives as arguments (the chat, the system prompt, the sliders) and leaves as
-return values; the only per-user thing kept here is which sessions have a reply streaming (one
-at a time each). Every request is held to the server's limits here; the model panel's handlers,
+return values; the only per-user thing kept here is each session's reply in flight (one at a
+time), so that Stop, or any other action of that session, can cancel it directly. Every request is held to the server's limits here; the model panel's handlers,
 which only operators may use, are in ui/models.py (a base of Handlers). `BackendError` becomes
 `gr.Error` in `_shown` and `_reply`; operators also see its detail.
 """
@@ -13,14 +13,16 @@ import functools
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import gradio as gr
 
-from backends.base import BackendError, GenerationParams, ModelSpec, Usage, valid_text
+from backends.base import BackendError, GenerationParams, ModelSpec, Waiting, valid_text
 from backends.manager import ModelManager
-from backends.tools import Tool, Toolset, ToolStep, pick, stream_with_tools
+from chat.reply import Reply, Text, tool_format
+from chat.tools import Tool, Toolset, ToolStep, pick
 from web.policy import Access, Limits
 from web.state import StateDir, default_state_dir
 
@@ -30,6 +32,7 @@ from .chat import (
     export_json,
     flatten,
     import_json,
+    mark,
     params_from_ui,
     step_message,
     text_input,
@@ -39,7 +42,7 @@ from .models import ModelPanel
 
 log = logging.getLogger(__name__)
 FRAME_S = 0.04  # shortest time between two streamed updates of the page (25 per second)
-BUSY_WAIT_S = 1.0  # a second Send waits this long for the session's reply to end (a Stop in flight)
+SETTLE_S = 2.0  # how long an action waits for the reply it stopped to hand back its chat
 
 
 def _shown(fn: Callable) -> Callable:
@@ -82,8 +85,8 @@ class Handlers(ModelPanel):
         self.access = access or Access()  # default: the machine's owner at a loopback page
         self.limits = limits or Limits()
         self.state = state or StateDir(default_state_dir())
-        self._streaming: set[str] = set()  # sessions with a reply in flight
-        self._streaming_changed = threading.Condition()
+        self._live: dict[str, _Live] = {}  # the reply streaming in each browser session
+        self._live_lock = threading.Lock()
 
     # ---- replies -------------------------------------------------------------------------
     def respond(
@@ -112,6 +115,7 @@ class Handlers(ModelPanel):
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         params = self._params(values)
+        history = self._settled(request, history)  # a reply still streaming is stopped first
         history = self._checked(history, system_prompt, extra=[{"role": "user", "content": text}])
         yield from self._reply(history, system_prompt, params, request, self._toolset(use_tools), clear_input=True)
 
@@ -119,7 +123,7 @@ class Handlers(ModelPanel):
     # `values` is the sampling controls in PARAM_FIELDS order, then the "Use tools" box.
     def regenerate(self, request: gr.Request, history: list[dict], system_prompt: str, *values: Any):
         system_prompt = _text(system_prompt)
-        history = self._checked(history, system_prompt)
+        history = self._checked(self._settled(request, history), system_prompt)
         while history and history[-1]["role"] == "assistant":
             history.pop()
         if not history:
@@ -132,6 +136,7 @@ class Handlers(ModelPanel):
     def edit(self, request: gr.Request, edit: gr.EditData, history: list[dict], system_prompt: str, *values: Any):
         """A user message was edited in place: drop what followed it and answer again."""
         index = edit.index[0] if isinstance(edit.index, (list, tuple)) and edit.index else edit.index
+        self._settled(request, history)
         if not isinstance(history, list) or not isinstance(index, int) or not 0 <= index < len(history):
             raise gr.Error("That message is no longer in the chat; reload the page.", print_exception=False)
         system_prompt = _text(system_prompt)
@@ -161,13 +166,22 @@ class Handlers(ModelPanel):
 
     def _toolset(self, use_tools: bool) -> Toolset:
         """The loaded preset's tools, unless the user switched tools off."""
-        spec = self.manager.spec
-        if not use_tools or spec is None or not spec.tools:
+        if not use_tools:
             return Toolset()
+        try:
+            return self.preset_tools() or Toolset()
+        except BackendError as e:
+            raise gr.Error(str(e), print_exception=False) from e
+
+    def preset_tools(self) -> Toolset | None:
+        """The loaded preset's tools (the API runs them too, for clients that send none)."""
+        spec = self.manager.spec
+        if spec is None or not spec.tools:
+            return None
         try:
             return Toolset(pick(self.tools, spec.tools, "tools in the tools folder"))
         except BackendError as e:
-            raise gr.Error(f"{spec.name}: {e}", print_exception=False) from e
+            raise BackendError(f"{spec.name}: {e}") from e
 
     def tools_label(self) -> dict[str, Any]:
         """The "Use tools" box's label and state for the loaded preset's tools."""
@@ -188,93 +202,100 @@ class Handlers(ModelPanel):
         return params
 
     def _reply(self, history, system_prompt, params, request, toolset: Toolset, clear_input=False) -> Iterator[tuple]:
-        """One reply at a time per browser session: a second Send while one streams waits a moment
-        for it (a Stop in flight), else is told why and keeps its text in the box."""
+        """Stream a reply into the chat, one per browser session: Stop (`stop`) cancels it, and so
+        does any other action of the same session, which then goes on from the chat it left."""
         session = _session(request)
-        if not self._begin(session):
-            gr.Warning("Your last reply is still being written: press Stop, or wait for it to end.")
-            yield gr.skip(), gr.skip(), "Your last reply is still being written: press **Stop**, or wait.", gr.skip()
-            return
+        messages = to_messages(history, system_prompt, tool_format(self.manager))
+        reply = self.manager.reply(messages, params, _owner(request), tools=toolset)
+        live = _Live(reply, history)
+        with self._live_lock:
+            if session is not None:
+                self._live[session] = live
         try:
-            yield from self._stream_reply(history, system_prompt, params, request, toolset, clear_input)
+            yield from self._stream(live, system_prompt, request, clear_input)
         finally:
-            self._end(session)
+            reply.cancel()  # closed by Gradio (a closed tab): the engine stops too
+            with self._live_lock:
+                if session is not None and self._live.get(session) is live:
+                    del self._live[session]
+            live.ended.set()
 
-    def _begin(self, session: str | None) -> bool:
-        if session is None:
-            return True
-        with self._streaming_changed:
-            if not self._streaming_changed.wait_for(lambda: session not in self._streaming, BUSY_WAIT_S):
-                return False
-            self._streaming.add(session)
-            return True
-
-    def _end(self, session: str | None) -> None:
-        with self._streaming_changed:
-            self._streaming.discard(session)
-            self._streaming_changed.notify_all()
-
-    def _stream_reply(self, history, system_prompt, params, request, toolset, clear_input) -> Iterator[tuple]:
+    def _stream(self, live: "_Live", system_prompt, request, clear_input) -> Iterator[tuple]:
         """Stream into a new assistant message; each tool call becomes a collapsible step.
         Yields (input, chat, status, saved)."""
-        reply = {"role": "assistant", "content": ""}
-        shown = history + [reply]
-        saved = _saved(history, system_prompt)
-        yield ("" if clear_input else gr.skip()), shown, "Thinking…", saved
-        usage: Usage | None = None
+        history, reply = live.history, live.reply
+        message = {"role": "assistant", "content": ""}
+        shown = live.shown = history + [message]
+        yield ("" if clear_input else gr.skip()), shown, "Thinking…", _saved(history, system_prompt)
         last_frame = 0.0
-        stream = functools.partial(self.manager.stream, session_id=_owner(request))
-        events = stream_with_tools(stream, to_messages(history, system_prompt), params, toolset,
-                                   takes_tools=self.manager.takes_tools())
-        try:
-            for chunk in events:
-                if isinstance(chunk, ToolStep):
-                    if not reply["content"].strip():
-                        shown.remove(reply)
-                    reply = {"role": "assistant", "content": ""}
-                    shown += [step_message(chunk), reply]
-                    yield gr.skip(), shown, f"Used {chunk.call.name}…", gr.skip()
-                    continue
-                if chunk.waiting is not None:
-                    ahead = "1 reply" if chunk.waiting == 1 else f"{chunk.waiting} replies"
-                    yield gr.skip(), gr.skip(), f"Waiting for the model: {ahead} ahead of yours…", gr.skip()
-                if chunk.text:
-                    reply["content"] += chunk.text
-                    # At most one page update per frame: each update re-sends the chat and costs
-                    # the server CPU the engine needs (measured: 5% of decode speed on 2 cores).
-                    now = time.monotonic()
-                    if now - last_frame >= FRAME_S:
-                        last_frame = now
-                        yield gr.skip(), shown, gr.skip(), gr.skip()
-                if chunk.usage is not None:
-                    usage = chunk.usage
-        except BackendError as e:
-            keep = [m for m in shown if m is not reply or reply["content"]]
-            yield gr.skip(), keep, self._status_line(request, note="the last reply failed"), _saved(
-                keep, system_prompt
-            )
-            raise self._error(e, request) from e
-        finally:
-            events.close()
-        if not reply["content"] and len(shown) > len(history) + 1:
-            shown.remove(reply)  # the reply ended with a tool step and no text after it
-        yield gr.skip(), shown, self._status_line(request, usage), _saved(shown, system_prompt)
+        for event in reply:
+            if isinstance(event, ToolStep):
+                if not message["content"].strip():
+                    shown.remove(message)
+                message = {"role": "assistant", "content": ""}
+                shown += [step_message(event), message]
+                yield gr.skip(), shown, f"Used {event.call.name}…", gr.skip()
+            elif isinstance(event, Waiting):
+                ahead = "1 reply" if event.ahead == 1 else f"{event.ahead} replies"
+                yield gr.skip(), gr.skip(), f"Waiting for the model: {ahead} ahead of yours…", gr.skip()
+            elif isinstance(event, Text):
+                message["content"] += event.text
+                # At most one page update per frame: each update re-sends the chat and costs
+                # the server CPU the engine needs (measured: 5% of decode speed on 2 cores).
+                now = time.monotonic()
+                if now - last_frame >= FRAME_S:
+                    last_frame = now
+                    yield gr.skip(), shown, gr.skip(), gr.skip()
+        if not message["content"].strip():
+            shown.remove(message)  # no empty assistant message, whatever ended the reply
+        else:
+            message["content"] = mark(message["content"], reply.finish_reason)
+        yield gr.skip(), shown, self._ended_line(reply, request), _saved(shown, system_prompt)
+        if reply.error is not None:
+            raise self._error(reply.error, request) from reply.error
+
+    def _ended_line(self, reply: Reply, request) -> str:
+        if reply.finish_reason == "cancelled":
+            return self._status_line(request, reply.usage, note=reply.stop_reason or "stopped")
+        if reply.finish_reason == "error":
+            return self._status_line(request, note="the last reply failed")
+        if reply.finish_reason == "length":
+            return self._status_line(request, reply.usage, note="cut off at max_new_tokens")
+        return self._status_line(request, reply.usage)
+
+    def stop(self, request: gr.Request = None) -> None:
+        """Stop: cancel this session's reply, and wait (briefly) for it to hand back its chat, so
+        the page gets the stopped reply before Gradio's own cancel, the backstop, is sent."""
+        live = self._live.get(_session(request) or "")
+        if live is not None:
+            live.reply.cancel()
+            live.ended.wait(SETTLE_S)
+
+    def _settled(self, request, history: Any) -> Any:
+        """The chat to act on: if this session has a reply streaming, it is stopped and the chat
+        it leaves (with its partial reply) is the one to go on from, not the page's older copy."""
+        live = self._live.get(_session(request) or "")
+        if live is None:
+            return history
+        live.reply.cancel()
+        if not live.ended.wait(SETTLE_S):
+            raise gr.Error("The last reply did not stop in time; press Stop and try again.", print_exception=False)
+        return live.shown
 
     # ---- editing the conversation ---------------------------------------------------------
-    @staticmethod
     @_shown
-    def undo(history: list[dict], system_prompt: str):
-        """Remove the last exchange and put its message back in the input box."""
+    def undo(self, history: list[dict], system_prompt: str, request: gr.Request = None):
+        """Remove the last exchange (stopping it first if it streams) and put its message back in the input box."""
         system_prompt = _text(system_prompt)
-        history = clean_history(history)
+        history = clean_history(self._settled(request, history))
         while history and history[-1]["role"] == "assistant":
             history.pop()
         text = history.pop()["content"] if history else ""
         return text, history, _saved(history, system_prompt)
 
-    @staticmethod
     @_shown
-    def clear(system_prompt: str):
+    def clear(self, system_prompt: str, request: gr.Request = None):
+        self._settled(request, [])  # a reply still streaming stops first, so it cannot write the chat back
         return "", [], _saved([], _text(system_prompt))
 
     def restore(self, saved: dict | None):
@@ -296,7 +317,8 @@ class Handlers(ModelPanel):
         return str(self.state.export(name, export_json(self._checked(history, system_prompt), system_prompt)))
 
     @_shown
-    def import_chat(self, file: str | None):
+    def import_chat(self, file: str | None, request: gr.Request = None):
+        self._settled(request, [])  # a reply still streaming stops first, so it cannot write over the import
         if not file:
             raise gr.Error("Choose a .json file to import.")
         try:
@@ -306,6 +328,19 @@ class Handlers(ModelPanel):
         history, system = import_json(text, self.limits)
         gr.Info(f"Imported {len(history)} messages.")
         return history, system, _saved(history, system)
+
+
+@dataclass
+class _Live:
+    """A session's reply in flight, and the chat it is writing (final once `ended` is set)."""
+
+    reply: Reply
+    history: list[dict]
+    shown: list[dict] = field(default_factory=list)
+    ended: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.shown = self.history
 
 
 def _text(value: Any, what: str = "The system prompt") -> str:

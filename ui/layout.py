@@ -158,9 +158,10 @@ def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, controls, sav
         c["chatbot"].edit(h.edit, [c["chatbot"], system, *controls], reply_out, api_visibility="private",
                           **reply_opts),
     ]
-    c["stop"].click(None, cancels=replies, api_visibility="private").then(
-        h.save, [c["chatbot"], system], saved, api_visibility="private", **raw
-    )
+    # Stop cancels the session's reply on the server, which ends it as stopped (no error) and
+    # hands back the chat; Gradio's own cancel follows only as a backstop for a stuck handler.
+    c["stop"].click(h.stop, None, None, api_visibility="private", concurrency_limit=None,
+                    concurrency_id="stop").then(None, cancels=replies, api_visibility="private")
     undo_args = dict(fn=h.undo, inputs=[c["chatbot"], system], outputs=[c["input"], c["chatbot"], saved], **raw)
     c["undo"].click(**undo_args, api_name="undo")
     c["chatbot"].undo(**undo_args, api_visibility="private")

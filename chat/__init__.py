@@ -1,0 +1,8 @@
+"""The chat layer, between the engines (backends/) and the callers (ui/, api/, terminal.py, confab/):
+a `Reply` with real cancellation, tools and their call formats. Knows no Gradio and no HTTP."""
+
+from .formats import ToolCall, ToolFormat
+from .reply import Reply, Text
+from .tools import Tool, Toolset, ToolStep, load_tools_dir, pick, tool
+
+__all__ = ["Reply", "Text", "Tool", "ToolCall", "ToolFormat", "Toolset", "ToolStep", "load_tools_dir", "pick", "tool"]

@@ -1,0 +1,70 @@
+"""Stop, Clear and Import while a reply streams, in a real browser (Playwright driving Debian's
+chromium): no error badge, no chat written back over the user's action."""
+
+import json
+import shutil
+import time
+
+import pytest
+
+from conftest import ARTIFACTS
+from test_browser import BOT, USER, send, texts
+
+pytestmark = [pytest.mark.timeout(300),
+              pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium (apt-get install chromium)")]
+ERRORS_JS = """[...document.querySelectorAll('body *')].filter(e => e.offsetParent !== null && e.children.length == 0
+    && /^\\s*error\\s*$/i.test(e.textContent || '')).length + document.querySelectorAll('.toast-body.error').length"""
+
+
+def status(page):
+    return page.inner_text("#status")
+
+
+def test_stop_ten_times_in_a_row_never_shows_an_error(page):
+    for i in range(10):
+        send(page, f"Write a long story about dragon number {i}.")
+        time.sleep(0.05 + 0.12 * i)  # from right after Enter to well into the reply
+        page.click("#stop")
+        page.wait_for_function("document.querySelector('#status').innerText.includes('stopped')", timeout=10_000)
+        time.sleep(0.3)
+        assert page.evaluate(ERRORS_JS) == 0, f"error badge after stop {i}"
+        assert "Thinking" not in status(page)
+        assert len(texts(page, USER)) == i + 1  # every question stays in the chat
+        bots = texts(page, BOT)
+        if bots:
+            assert bots[-1].strip().endswith("(stopped)") or not bots[-1].startswith("Once")
+    page.screenshot(path=str(ARTIFACTS / "browser-stop-ten.png"))
+    # The page still works: a question is answered.
+    send(page, "What is the capital of France? Answer in one sentence.")
+    page.wait_for_function(f"[...document.querySelectorAll(\"{BOT}\")].pop()?.innerText.includes('Paris')",
+                           timeout=60_000)
+
+
+def streaming(page):
+    try:
+        page.wait_for_function(f"[...document.querySelectorAll(\"{BOT}\")].pop()?.innerText.length > 20",
+                               timeout=30_000)
+    finally:
+        page.screenshot(path=str(ARTIFACTS / "browser-streaming.png"))
+
+
+def test_clear_and_import_during_a_stream_are_not_undone(page, tmp_path):
+    send(page, "Write a very long story about a dragon who learns to read.")
+    streaming(page)
+    page.click("#clear")
+    page.wait_for_function(f"document.querySelectorAll(\"{USER}\").length == 0", timeout=10_000)
+    time.sleep(2)  # the stopped stream must not write its chat back
+    assert texts(page, USER) == [] and texts(page, BOT) == []
+    assert page.evaluate(ERRORS_JS) == 0
+
+    chat = tmp_path / "chat.json"
+    chat.write_text(json.dumps([{"role": "user", "content": "Imported question"},
+                                {"role": "assistant", "content": "Imported answer"}]))
+    send(page, "Write another very long story, about a knight.")
+    streaming(page)
+    page.set_input_files("#import input[type=file]", str(chat))
+    page.wait_for_function(f"[...document.querySelectorAll(\"{USER}\")].map(e => e.innerText).join() == "
+                           "'Imported question'", timeout=15_000)
+    time.sleep(2)
+    assert texts(page, USER) == ["Imported question"] and texts(page, BOT) == ["Imported answer"]
+    assert page.evaluate(ERRORS_JS) == 0
