@@ -213,7 +213,9 @@ def build_router(manager: ModelManager, model_id: Any, limits: Limits | None = N
             tools = client_tools(req)
         except ApiError as e:
             return e.response()
-        reply = manager.reply(messages, params, owner(request, req.user), tools=None if tools else server_tools())
+        # The preset's own tools run for clients that send none; "none" means none at all.
+        own = None if tools or req.tool_choice == "none" else server_tools()
+        reply = manager.reply(messages, params, owner(request, req.user), tools=own)
         reply.client_tools = tools
         completion = Completion(reply, name)
         if req.stream:
@@ -276,9 +278,11 @@ class Completion:
         reply = self.reply.wait()
         if reply.error is not None:
             raise _status_for(reply.error)
+        if reply.stop_reason:  # stopped by the server (a model swap), not by this client: not a whole answer
+            raise ApiError(503, reply.stop_reason, "server_error")
         message: dict[str, Any] = {"role": "assistant", "content": reply.text}
         if reply.calls:
-            message["tool_calls"] = [_call_json(c) for c in reply.calls]
+            message.update(content=reply.text or None, tool_calls=[_call_json(c) for c in reply.calls])
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
             "choices": [{"index": 0, "message": message, "finish_reason": _finish(reply.finish_reason)}],
@@ -299,8 +303,9 @@ class Completion:
                 if isinstance(event, Text):
                     yield self._event({"content": event.text})
             reply = self.reply
-            if reply.error is not None:
-                error = _status_for(reply.error)
+            if reply.error is not None or reply.stop_reason:
+                error = _status_for(reply.error) if reply.error is not None else \
+                    ApiError(503, reply.stop_reason, "server_error")
                 yield _sse({"error": {"message": error.message, "type": error.kind, "code": error.status}})
             else:
                 if reply.calls:

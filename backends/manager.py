@@ -99,6 +99,7 @@ class ModelManager:
             self._swapping = True
             idle = lambda: not self._active and self._preparing == 0  # noqa: E731
             if not self._cond.wait_for(idle, self.swap_grace_s):
+                # Each cancel's hook releases its reply under this same (reentrant) condition.
                 for cancel in list(self._active):
                     cancel.set("The server's operator changed the model, so this reply was stopped. "
                                "Send your message again.")
@@ -204,7 +205,11 @@ class ModelManager:
                 return
             backend, job = prepared
             if self._backend is not backend:  # the model changed while this reply waited
-                backend, job = self._prepared(messages, params, tools, cancel)
+                prepared = self._prepared(messages, params, tools, cancel)
+                if prepared is None:  # cancelled while the next load was under way
+                    yield Chunk("", finish_reason="cancelled", usage=Usage())
+                    return
+                backend, job = prepared
             yield from backend.run(job, session_id, cancel)
         finally:
             unhook()

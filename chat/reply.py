@@ -145,7 +145,9 @@ class Reply:
                 self.finish_reason = finish
                 return
             if self.client_tools and not (self.tools and all(c.name in self.tools.tools for c in calls)):
-                self.calls, self.finish_reason = calls, "tool_calls"
+                # Only calls the client can run go back to it; a reply with none is just text.
+                self.calls = [c for c in calls if not c.error and not c.positional and c.name in known]
+                self.finish_reason = "tool_calls" if self.calls else "stop"
                 return
             if round_no == self.max_rounds:
                 yield self._say(f"\n\n(Stopped: the model asked for more than {self.max_rounds} rounds of tool calls.)")

@@ -136,7 +136,12 @@ class _LagentLLM:
     def stream_chat(self, inputs: list[dict], **kwargs: Any) -> Iterator[tuple[ModelStatusCode, str, None]]:
         """(STREAM_ING, the reply so far, None) while it grows, then (END, the reply, None).
         A failure ends the stream with (SERVER_ERR, what went wrong and what to do, None)."""
-        reply = self.manager.reply(self._messages(inputs), self._params(**kwargs))
+        messages, params = self._messages(inputs), self._params(**kwargs)
+        try:
+            reply = self.manager.reply(messages, params)  # a client's first use connects here
+        except BackendError as e:
+            yield ModelStatusCode.SERVER_ERR, str(e), None
+            return
         try:
             for event in reply:
                 if isinstance(event, Text):

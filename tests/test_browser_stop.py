@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import ARTIFACTS
-from test_browser import BOT, USER, send, texts
+from test_browser import BOT, USER, send, texts, wait_done
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium (apt-get install chromium)")]
@@ -20,24 +20,39 @@ def status(page):
     return page.inner_text("#status")
 
 
+ENDED_JS = """(s => s.includes('stopped') || (s.includes('tok/s') && !s.includes('Thinking')))
+    (document.querySelector('#status').innerText)"""
+
+
 def test_stop_ten_times_in_a_row_never_shows_an_error(page):
+    stopped = 0
     for i in range(10):
         send(page, f"Write a long story about dragon number {i}.")
         time.sleep(0.05 + 0.12 * i)  # from right after Enter to well into the reply
         page.click("#stop")
-        page.wait_for_function("document.querySelector('#status').innerText.includes('stopped')", timeout=10_000)
-        time.sleep(0.3)
+        try:
+            page.wait_for_function(ENDED_JS, timeout=10_000)  # stopped, or ended before the click landed
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "browser-stop-failed.png"))
+            raise AssertionError(f"stop {i}: the status says {status(page)!r}") from None
+        time.sleep(0.6)  # past the moment a Stop waits for a reply that had not begun
+        stopped += "stopped" in status(page)
         assert page.evaluate(ERRORS_JS) == 0, f"error badge after stop {i}"
         assert "Thinking" not in status(page)
         assert len(texts(page, USER)) == i + 1  # every question stays in the chat
         bots = texts(page, BOT)
-        if bots:
-            assert bots[-1].strip().endswith("(stopped)") or not bots[-1].startswith("Once")
+        if bots and "stopped" in status(page) and len(bots) == i + 1:
+            assert bots[-1].strip().endswith("(stopped)")  # the partial reply is kept, and marked
+    # A reply the tiny model ends on its own before the click lands is fine; most are stopped.
+    assert stopped >= 5, f"only {stopped} of 10 replies were still running when Stop was pressed"
     page.screenshot(path=str(ARTIFACTS / "browser-stop-ten.png"))
-    # The page still works: a question is answered.
-    send(page, "What is the capital of France? Answer in one sentence.")
-    page.wait_for_function(f"[...document.querySelectorAll(\"{BOT}\")].pop()?.innerText.includes('Paris')",
-                           timeout=60_000)
+    # The page still works: a question is answered to its end.
+    send(page, "Say hello.")
+    try:
+        wait_done(page)
+    finally:
+        page.screenshot(path=str(ARTIFACTS / "browser-stop-after.png"))
+    assert page.evaluate(ERRORS_JS) == 0 and len(texts(page, USER)) == 11
 
 
 def streaming(page):
@@ -62,7 +77,9 @@ def test_clear_and_import_during_a_stream_are_not_undone(page, tmp_path):
                                 {"role": "assistant", "content": "Imported answer"}]))
     send(page, "Write another very long story, about a knight.")
     streaming(page)
-    page.set_input_files("#import input[type=file]", str(chat))
+    with page.expect_file_chooser() as chooser:
+        page.click("#import")
+    chooser.value.set_files(str(chat))
     page.wait_for_function(f"[...document.querySelectorAll(\"{USER}\")].map(e => e.innerText).join() == "
                            "'Imported question'", timeout=15_000)
     time.sleep(2)

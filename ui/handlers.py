@@ -43,6 +43,7 @@ from .models import ModelPanel
 log = logging.getLogger(__name__)
 FRAME_S = 0.04  # shortest time between two streamed updates of the page (25 per second)
 SETTLE_S = 2.0  # how long an action waits for the reply it stopped to hand back its chat
+STOP_WAIT_S = 0.25  # how long a Stop waits for a reply its Send has not begun (both are queued: ms apart)
 
 
 def _shown(fn: Callable) -> Callable:
@@ -204,20 +205,24 @@ class Handlers(ModelPanel):
     def _reply(self, history, system_prompt, params, request, toolset: Toolset, clear_input=False) -> Iterator[tuple]:
         """Stream a reply into the chat, one per browser session: Stop (`stop`) cancels it, and so
         does any other action of the same session, which then goes on from the chat it left."""
-        session = _session(request)
+        owner = _owner(request)
         messages = to_messages(history, system_prompt, tool_format(self.manager))
-        reply = self.manager.reply(messages, params, _owner(request), tools=toolset)
+        reply = self.manager.reply(messages, params, owner, tools=toolset)
         live = _Live(reply, history)
         with self._live_lock:
-            if session is not None:
-                self._live[session] = live
+            if owner is not None:
+                # Two Sends at once (a double Enter): the older is stopped, never left untracked.
+                older = self._live.get(owner)
+                if older is not None:
+                    older.reply.cancel()
+                self._live[owner] = live
         try:
             yield from self._stream(live, system_prompt, request, clear_input)
         finally:
             reply.cancel()  # closed by Gradio (a closed tab): the engine stops too
             with self._live_lock:
-                if session is not None and self._live.get(session) is live:
-                    del self._live[session]
+                if owner is not None and self._live.get(owner) is live:
+                    del self._live[owner]
             live.ended.set()
 
     def _stream(self, live: "_Live", system_prompt, request, clear_input) -> Iterator[tuple]:
@@ -265,16 +270,21 @@ class Handlers(ModelPanel):
 
     def stop(self, request: gr.Request = None) -> None:
         """Stop: cancel this session's reply, and wait (briefly) for it to hand back its chat, so
-        the page gets the stopped reply before Gradio's own cancel, the backstop, is sent."""
-        live = self._live.get(_session(request) or "")
+        the page gets the stopped reply before Gradio's own cancel, the backstop, is sent. A Stop
+        pressed right after Enter may arrive before the reply has begun: it waits a moment for it."""
+        owner = _owner(request) or ""
+        deadline = time.monotonic() + STOP_WAIT_S
+        while (live := self._live.get(owner)) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
         if live is not None:
             live.reply.cancel()
-            live.ended.wait(SETTLE_S)
+            if not live.ended.wait(SETTLE_S):
+                raise gr.Error("The reply did not stop in time, so it is being cut off.", print_exception=False)
 
     def _settled(self, request, history: Any) -> Any:
         """The chat to act on: if this session has a reply streaming, it is stopped and the chat
         it leaves (with its partial reply) is the one to go on from, not the page's older copy."""
-        live = self._live.get(_session(request) or "")
+        live = self._live.get(_owner(request) or "")
         if live is None:
             return history
         live.reply.cancel()

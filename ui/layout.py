@@ -159,9 +159,10 @@ def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, controls, sav
                           **reply_opts),
     ]
     # Stop cancels the session's reply on the server, which ends it as stopped (no error) and
-    # hands back the chat; Gradio's own cancel follows only as a backstop for a stuck handler.
+    # hands back the chat. Gradio's own cancel is only the backstop, for a reply that did not end
+    # in time (stop() then fails): sent every time, it raced the stopped reply's last update.
     c["stop"].click(h.stop, None, None, api_visibility="private", concurrency_limit=None,
-                    concurrency_id="stop").then(None, cancels=replies, api_visibility="private")
+                    concurrency_id="stop").failure(None, cancels=replies, api_visibility="private")
     undo_args = dict(fn=h.undo, inputs=[c["chatbot"], system], outputs=[c["input"], c["chatbot"], saved], **raw)
     c["undo"].click(**undo_args, api_name="undo")
     c["chatbot"].undo(**undo_args, api_visibility="private")
