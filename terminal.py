@@ -18,7 +18,7 @@ from typing import Any, Callable, TextIO
 from backends.base import BackendError, GenerationParams, Message
 from backends.manager import ModelManager
 from chat.reply import Text
-from chat.tools import Tool, Toolset, ToolStep, pick
+from chat.tools import Tool, Toolset, ToolStep, preset_toolset
 
 HELP = """Commands:
   /reset               start a new conversation (keeps the system prompt)
@@ -86,11 +86,8 @@ class TerminalChat:
             self.say()
 
     def _toolset(self) -> Toolset | None:
-        spec = self.manager.spec
-        if spec is None or not spec.tools:
-            return None
         try:
-            return Toolset(pick(self.tools, spec.tools, "tools in the tools folder"))
+            return preset_toolset(self.manager.spec, self.tools)
         except BackendError as e:
             self.say(f"[error] {e} Answering without tools.")
             return None

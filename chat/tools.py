@@ -277,6 +277,17 @@ def _step(call: ToolCall, result: dict[str, Any], seconds: float) -> ToolStep:
     return ToolStep(call, output, True, seconds)
 
 
+def preset_toolset(spec: Any, available: dict[str, Tool]) -> "Toolset | None":
+    """The tools a loaded preset switches on (None when it names none); a name the tools folder
+    lacks is a BackendError that names the preset."""
+    if spec is None or not spec.tools:
+        return None
+    try:
+        return Toolset(pick(available, spec.tools, "tools in the tools folder"))
+    except BackendError as e:
+        raise BackendError(f"{spec.name}: {e}") from e
+
+
 def pick(available: dict[str, Tool], names: Iterable[str], where: str) -> list[Tool]:
     names = list(names)
     missing = [n for n in names if n not in available]

@@ -186,3 +186,20 @@ def page(app):
         page.wait_for_selector("#chat-input textarea", timeout=60_000)
         yield page
         browser.close()
+
+
+def hf_spec(folder, **kw):
+    from backends.base import ModelSpec
+
+    return ModelSpec(name="tiny", backend="transformers", model=str(folder), device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_model_dir):
+    """The transformers backend on the tiny Llama built in the test run."""
+    from backends import create
+
+    backend = create(hf_spec(tiny_model_dir))
+    backend.load(hf_spec(tiny_model_dir))
+    yield backend
+    backend.unload()

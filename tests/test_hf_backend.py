@@ -4,6 +4,8 @@ import threading
 import time
 
 import pytest
+
+from conftest import hf_spec
 import torch
 
 from backends import create
@@ -12,16 +14,7 @@ from backends.base import BackendError, GenerationParams, Message, ModelSpec, Pa
 QUESTION = [Message("user", "what is the capital of france?")]
 
 
-def spec_for(folder, **kw):
-    return ModelSpec(name="tiny", backend="transformers", model=str(folder), device="cpu", **kw)
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_model_dir):
-    backend = create(spec_for(tiny_model_dir))
-    backend.load(spec_for(tiny_model_dir))
-    yield backend
-    backend.unload()
+spec_for = hf_spec  # the `hf` fixture is in conftest.py
 
 
 def collect(stream):

@@ -7,24 +7,17 @@ from contextlib import contextmanager
 
 import pytest
 
+from conftest import hf_spec
+
 from backends import create
-from backends.base import BackendError, Cancel, GenerationParams, Message, ModelSpec
+from backends.base import BackendError, Cancel, GenerationParams, Message
 
 QUESTION = [Message("user", "what is the capital of france?")]
 LONG = GenerationParams(do_sample=False, max_new_tokens=400)
 STEP_S = 0.3  # a slow decode step: longer than any wait the consumer may do after a cancel
 
 
-def spec_for(folder):
-    return ModelSpec(name="tiny", backend="transformers", model=str(folder), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_model_dir):
-    backend = create(spec_for(tiny_model_dir))
-    backend.load(spec_for(tiny_model_dir))
-    yield backend
-    backend.unload()
+spec_for = hf_spec  # the `hf` fixture is in conftest.py
 
 
 @contextmanager

@@ -22,7 +22,7 @@ import gradio as gr
 from backends.base import BackendError, GenerationParams, ModelSpec, Waiting, valid_text
 from backends.manager import ModelManager
 from chat.reply import Reply, Text, tool_format
-from chat.tools import Tool, Toolset, ToolStep, pick
+from chat.tools import Tool, Toolset, ToolStep, preset_toolset
 from web.policy import Access, Limits
 from web.state import StateDir, default_state_dir
 
@@ -176,13 +176,7 @@ class Handlers(ModelPanel):
 
     def preset_tools(self) -> Toolset | None:
         """The loaded preset's tools (the API runs them too, for clients that send none)."""
-        spec = self.manager.spec
-        if spec is None or not spec.tools:
-            return None
-        try:
-            return Toolset(pick(self.tools, spec.tools, "tools in the tools folder"))
-        except BackendError as e:
-            raise BackendError(f"{spec.name}: {e}") from e
+        return preset_toolset(self.manager.spec, self.tools)
 
     def tools_label(self) -> dict[str, Any]:
         """The "Use tools" box's label and state for the loaded preset's tools."""
