@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from backends.base import BackendError, ContextOverflow, GenerationParams, Message, ParamError, Usage
 from backends.manager import ModelManager
-from chat.formats import ToolCall, ToolFormat
+from chat.formats import ToolCall, ToolFormat, calls_from_openai
 from chat.reply import Reply, Text, tool_format
 from chat.tools import Toolset
 from web.policy import Limits
@@ -120,20 +120,23 @@ def to_messages(raw: list[Any], limits: Limits, fmt: ToolFormat | None = None) -
 
 def _tool_calls(raw: Any, index: int) -> list[ToolCall]:
     where = f"messages[{index}].tool_calls"
-    items = raw if isinstance(raw, list) else [None]
-    calls = [ToolCall.from_data({"id": c.get("id"), **c["function"]}) if isinstance(c, dict)
-             and isinstance(c.get("function"), dict) else None for c in items]
-    if None in calls:
+    calls = calls_from_openai(raw)
+    if calls is None:
         raise _bad(f'{where} must be a list of {{"id", "type": "function", "function": {{"name", "arguments"}}}}, '
                    "arguments being a JSON object (as text).", where)
     return calls
 
 
-def client_tools(req: "ChatRequest") -> list[dict[str, Any]] | None:
-    """The client's `tools=`, checked, narrowed by `tool_choice` ("none" sends none)."""
+def client_tools(req: "ChatRequest", limits: Limits) -> list[dict[str, Any]] | None:
+    """The client's `tools=`, checked, narrowed by `tool_choice` ("none" sends none). They go into
+    the prompt, so they are held to the same size limit as a message."""
     choice = req.tool_choice
     if not req.tools or choice == "none":
         return None
+    try:
+        limits.check_text("tools", json.dumps(req.tools, ensure_ascii=False))
+    except ParamError as e:
+        raise _bad(str(e), "tools") from e
     for j, t in enumerate(req.tools):
         fn = t.get("function") if isinstance(t, dict) else None
         if t.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
@@ -210,13 +213,12 @@ def build_router(manager: ModelManager, model_id: Any, limits: Limits | None = N
             name = loaded_id(req.model)
             messages = to_messages(req.messages, limits, tool_format(manager))
             params = to_params(req, limits.clamp(manager.default_params()), limits)
-            tools = client_tools(req)
+            tools = client_tools(req, limits)
         except ApiError as e:
             return e.response()
         # The preset's own tools run for clients that send none; "none" means none at all.
         own = None if tools or req.tool_choice == "none" else server_tools()
-        reply = manager.reply(messages, params, owner(request, req.user), tools=own)
-        reply.client_tools = tools
+        reply = manager.reply(messages, params, owner(request, req.user), tools=own, client_tools=tools)
         completion = Completion(reply, name)
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))

@@ -154,13 +154,14 @@ class ModelManager:
         return max(1, min(engine, self.limit or engine))
 
     def reply(self, messages: list[Message], params: GenerationParams, session: str | None = None,
-              tools: Any = None) -> Any:
+              tools: Any = None, client_tools: list[dict[str, Any]] | None = None) -> Any:
         """A `Reply` (chat/reply.py): iterate it for events, read `.text`, `.usage` and
-        `.finish_reason`, `.cancel()` it from any thread. `tools` is a Toolset the reply may run.
+        `.finish_reason`, `.cancel()` it from any thread. `tools` is a Toolset the reply may run;
+        calls to `client_tools` (OpenAI schemas) are handed back instead.
         (The Reply lives in the chat layer above; the manager is only the handle callers hold.)"""
         from chat.reply import Reply
 
-        return Reply(self, messages, params, session, tools)
+        return Reply(self, messages, params, session, tools, client_tools)
 
     def stream(
         self, messages: list[Message], params: GenerationParams, session_id: str | None = None,

@@ -56,6 +56,15 @@ class ToolCall:
         return cls(data["name"], args, id=str(data.get("id") or f"call_{uuid.uuid4().hex[:24]}"))
 
 
+def calls_from_openai(raw: Any) -> list[ToolCall] | None:
+    """OpenAI `tool_calls` ([{"id", "type": "function", "function": {"name", "arguments"}}]) as
+    calls, or None when it is not that shape (each caller says so in its own words)."""
+    items = raw if isinstance(raw, list) else []
+    calls = [ToolCall.from_data({"id": c.get("id"), **c["function"]}) if isinstance(c, dict)
+             and isinstance(c.get("function"), dict) else None for c in items]
+    return calls if calls and None not in calls else None
+
+
 # ---- reading calls -------------------------------------------------------------------------
 def parse_json_call(body: str) -> ToolCall:
     try:

@@ -28,7 +28,7 @@ from backends.base import BackendError, Cancel, Chunk, GenerationParams, Message
 
 from . import formats
 from .formats import ToolCall, ToolFormat
-from .tools import Toolset, ToolStep, tools_prompt, transcript_messages
+from .tools import Toolset, ToolStep, tools_prompt, transcript_messages, with_system_note
 
 log = logging.getLogger(__name__)
 MAX_ROUNDS = 5  # rounds of tool calls in one reply before the model is stopped
@@ -169,11 +169,7 @@ class Reply:
         params = self.params.replace(stop=(*self.params.stop, *self.format.stop))
         if self.manager.takes_tools():
             return self.messages, params, schemas
-        docs = tools_prompt(self.tools, self.client_tools, self.format)
-        messages = self.messages
-        if messages and messages[0].role == "system":
-            return [Message("system", f"{messages[0].content}\n\n{docs}"), *messages[1:]], params, None
-        return [Message("system", docs), *messages], params, None
+        return with_system_note(self.messages, tools_prompt(self.tools, self.client_tools, self.format)), params, None
 
     def _call(self, calls: list[ToolCall]) -> Iterator[ToolStep]:
         steps = []

@@ -239,10 +239,14 @@ class Toolset:
         `tools=` itself."""
         if takes_tools or not self.tools:
             return list(messages)
-        docs = self.generate_docs(fmt=fmt)
-        if messages and messages[0].role == "system":
-            return [Message("system", f"{messages[0].content}\n\n{docs}"), *messages[1:]]
-        return [Message("system", docs), *messages]
+        return with_system_note(messages, self.generate_docs(fmt=fmt))
+
+
+def with_system_note(messages: list[Message], note: str) -> list[Message]:
+    """`note` after the system prompt (or as one, when there is none)."""
+    if messages and messages[0].role == "system":
+        return [Message("system", f"{messages[0].content}\n\n{note}"), *messages[1:]]
+    return [Message("system", note), *messages]
 
 
 def tools_prompt(toolset: Toolset | None, schemas: list[dict[str, Any]] | None, fmt: ToolFormat) -> str:

@@ -172,6 +172,9 @@ def test_bad_tools_and_tool_choice_are_named(client):
         client.chat.completions.create(
             model="smollm2-llamacpp", messages=PARIS, tool_choice={"type": "function", "function": {"name": "nope"}},
             tools=[{"type": "function", "function": {"name": "calc", "parameters": {"type": "object"}}}])
+    huge = [{"type": "function", "function": {"name": "f", "description": "x" * 200_000}}]
+    with pytest.raises(openai.BadRequestError, match="tools.*--max-message-chars"):
+        client.chat.completions.create(model="smollm2-llamacpp", messages=PARIS, tools=huge)
     with pytest.raises(openai.BadRequestError, match=r"messages\[1\].tool_calls must be"):
         client.chat.completions.create(model="smollm2-llamacpp", messages=[
             PARIS[0], {"role": "assistant", "content": "", "tool_calls": [{"id": "x"}]}, PARIS[0]])

@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from backends.base import GenerationParams, Message, ParamError, Usage, valid_text
-from chat.formats import Hermes, ToolCall, ToolFormat, parse_python_call
+from chat.formats import Hermes, ToolCall, ToolFormat, calls_from_openai, parse_python_call
 from chat.tools import STEP_PREFIX, ToolStep, transcript_messages
 from web.policy import Limits
 
@@ -250,11 +250,8 @@ def import_json(text: str, limits: Limits | None = None) -> tuple[list[dict[str,
 
 
 def _calls_from_data(raw: Any, index: int) -> list[ToolCall]:
-    """OpenAI `tool_calls` ([{"id", "type": "function", "function": {"name", "arguments"}}]) -> calls."""
-    items = raw if isinstance(raw, list) else []
-    calls = [ToolCall.from_data({"id": c.get("id"), **c["function"]}) if isinstance(c, dict) and
-             isinstance(c.get("function"), dict) else None for c in items]
-    if not calls or None in calls:
+    calls = calls_from_openai(raw)
+    if calls is None:
         raise ParamError(f"Message {index} has tool_calls that are not a list of "
                          '{"id", "type": "function", "function": {"name", "arguments"}}.')
     return calls

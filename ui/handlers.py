@@ -222,7 +222,7 @@ class Handlers(ModelPanel):
     def _stream(self, live: "_Live", system_prompt, request, clear_input) -> Iterator[tuple]:
         """Stream into a new assistant message; each tool call becomes a collapsible step.
         Yields (input, chat, status, saved)."""
-        history, reply = live.history, live.reply
+        history, reply = live.shown, live.reply
         message = {"role": "assistant", "content": ""}
         shown = live.shown = history + [message]
         yield ("" if clear_input else gr.skip()), shown, "Thinking…", _saved(history, system_prompt)
@@ -339,12 +339,8 @@ class _Live:
     """A session's reply in flight, and the chat it is writing (final once `ended` is set)."""
 
     reply: Reply
-    history: list[dict]
-    shown: list[dict] = field(default_factory=list)
+    shown: list[dict]  # the history it answers, then with its reply as it streams
     ended: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        self.shown = self.history
 
 
 def _text(value: Any, what: str = "The system prompt") -> str:
