@@ -3,7 +3,9 @@
 GET /v1/models and POST /v1/chat/completions (streamed as server-sent events, or whole), over
 the same `Reply` as the page (chat/reply.py). Client-side `tools=` come back as `tool_calls`
 with finish_reason "tool_calls" (the client runs them and sends `tool` messages); a preset's
-server-side tools are run here when the client sends none. Errors use OpenAI's error shape and
+server-side tools are run here when the client sends none. A reasoning model's thinking comes as
+`reasoning_content` beside `content` (as vLLM and llama.cpp's server send it); a conversation
+ending with an assistant message is continued. Errors use OpenAI's error shape and
 status codes: 400 bad parameters (naming the field), 404 unknown model, 503 no model loaded or
 the engine failed. Who may call it (401) and how big a body may be (413) is the door's
 business (web/door.py), which also tells each route who the caller is: cached tokens are
@@ -24,10 +26,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from backends.base import BackendError, ContextOverflow, GenerationParams, Message, ParamError, Usage
+from backends.base import BackendError, ContextOverflow, GenerationParams, ImageData, Message, ParamError, Usage
 from backends.manager import ModelManager
+from chat.attachments import image_from_data_url
 from chat.formats import ToolCall, ToolFormat, calls_from_openai
-from chat.reply import Reply, Text, tool_format
+from chat.reply import Reply, Text, Thinking, tool_format
 from chat.tools import Toolset
 from web.policy import Limits
 
@@ -54,6 +57,7 @@ class ChatRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's; only enable_thinking is taken
 
 
 class ApiError(Exception):
@@ -66,26 +70,61 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
-def _content(value: Any, index: int) -> str:
+def _content(value: Any, index: int, limits: Limits) -> tuple[str, list[ImageData]]:
+    """A message's content: its text, and its pictures (image_url parts holding data URLs)."""
     where = f"messages[{index}].content"
     if isinstance(value, str):
-        return value
+        return value, []
     if value is None:
-        return ""
+        return "", []
     if not isinstance(value, list):
         raise _bad(f"{where} must be a string or a list of content parts, got {type(value).__name__}.", where)
-    texts = []
+    texts, images = [], []
     for j, part in enumerate(value):
         if not isinstance(part, dict):
             raise _bad(f"{where}[{j}] must be an object such as {{\"type\": \"text\", \"text\": \"...\"}}.",
                        f"{where}[{j}]")
         kind = part.get("type")
+        if kind == "image_url":
+            images.append(_image(part.get("image_url"), f"{where}[{j}].image_url", limits))
+            continue
         if kind != "text":
-            raise _bad(f"{where}[{j}] is of type {kind!r}; this model takes text parts only.", f"{where}[{j}].type")
+            raise _bad(f"{where}[{j}] is of type {kind!r}; parts are \"text\" or \"image_url\".", f"{where}[{j}].type")
         if not isinstance(part.get("text"), str):
             raise _bad(f"{where}[{j}].text must be a string.", f"{where}[{j}].text")
         texts.append(part["text"])
-    return "".join(texts)
+    return "".join(texts), images
+
+
+def _image(value: Any, where: str, limits: Limits) -> ImageData:
+    """An image_url part's picture: a data URL only (the server never fetches a URL it is given)."""
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str):
+        raise _bad(f'{where} must be {{"url": "data:image/png;base64,..."}}.', where)
+    try:
+        return image_from_data_url(url, limits)
+    except ParamError as e:
+        raise _bad(f"{where}: {e}", where) from e
+
+
+def _readable(manager: ModelManager, messages: list[Message]) -> None:
+    """A text-only model given pictures: a 400 now, before anything streams."""
+    if any(m.images for m in messages):
+        try:
+            manager.check_images(messages)
+        except ParamError as e:
+            raise _bad(str(e), "messages") from e
+        except BackendError:  # unloaded meanwhile: the reply itself says so
+            pass
+
+
+def _count_images(raw: list[Any], limits: Limits) -> None:
+    """Pictures in the request, counted before any is decoded."""
+    n = sum(1 for item in raw if isinstance(item, dict) and isinstance(item.get("content"), list)
+            for part in item["content"] if isinstance(part, dict) and part.get("type") == "image_url")
+    if n > limits.images:
+        raise _bad(f"The messages hold {n} images; this server takes at most {limits.images} (--max-images).",
+                   "messages")
 
 
 def to_messages(raw: list[Any], limits: Limits, fmt: ToolFormat | None = None) -> list[Message]:
@@ -93,6 +132,7 @@ def to_messages(raw: list[Any], limits: Limits, fmt: ToolFormat | None = None) -
     writes calls (`fmt`), so it sees its earlier calls as it made them."""
     if not raw:
         raise _bad("messages must hold at least one message.", "messages")
+    _count_images(raw, limits)
     out = []
     for i, item in enumerate(raw):
         if not isinstance(item, dict):
@@ -100,17 +140,17 @@ def to_messages(raw: list[Any], limits: Limits, fmt: ToolFormat | None = None) -
         role = item.get("role")
         if role == "developer":  # OpenAI's newer name for the system role
             role = "system"
-        content = _content(item.get("content"), i)
+        content, images = _content(item.get("content"), i, limits)
         if role == "assistant" and item.get("tool_calls") and fmt is not None:
             calls = _tool_calls(item["tool_calls"], i)
             content = f"{content}\n{fmt.write(calls)}" if content.strip() else fmt.write(calls)
         try:
-            out.append(Message(role, content))
+            out.append(Message(role, content, images=tuple(images)))
         except ParamError as e:
-            raise _bad(f"messages[{i}]: {e}", f"messages[{i}].role") from e
-    if out[-1].role not in ("user", "tool"):
-        raise _bad(f"The last message is from the {out[-1].role}; it must be the user's (or a tool's) for the model "
-                   "to answer it.", f"messages[{len(out) - 1}].role")
+            raise _bad(f"messages[{i}]: {e}", f"messages[{i}].content" if images else f"messages[{i}].role") from e
+    if out[-1].role == "system":  # an assistant message last is continued (as llama.cpp's server does)
+        raise _bad("The last message is from the system; it must be the user's (or a tool's) for the model to "
+                   "answer it, or the assistant's for the model to continue it.", f"messages[{len(out) - 1}].role")
     try:
         limits.check_texts([(f"messages[{i}]", m.content) for i, m in enumerate(out)])
     except ParamError as e:
@@ -165,6 +205,7 @@ def to_params(req: ChatRequest, base: GenerationParams, limits: Limits) -> Gener
         "max_new_tokens": req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
         "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
         "repetition_penalty": req.repetition_penalty, "seed": req.seed, "stop": req.stop,
+        "thinking": enable_thinking(req.chat_template_kwargs),
     }
     changes = {k: v for k, v in changes.items() if v is not None}
     if "temperature" in changes:
@@ -175,6 +216,21 @@ def to_params(req: ChatRequest, base: GenerationParams, limits: Limits) -> Gener
     except ParamError as e:
         raise _bad(str(e)) from e
     return params
+
+
+def enable_thinking(kwargs: dict[str, Any] | None) -> bool | None:
+    """`chat_template_kwargs.enable_thinking`: the one template setting taken here."""
+    if not kwargs:
+        return None
+    unknown = sorted(set(kwargs) - {"enable_thinking"})
+    if unknown:
+        raise _bad(f"chat_template_kwargs {', '.join(map(repr, unknown))} are not taken here; only enable_thinking "
+                   "is.", "chat_template_kwargs")
+    value = kwargs.get("enable_thinking")
+    if value is not None and not isinstance(value, bool):
+        raise _bad(f"chat_template_kwargs.enable_thinking must be true or false, got {value!r}.",
+                   "chat_template_kwargs.enable_thinking")
+    return value
 
 
 def build_router(manager: ModelManager, model_id: Any, limits: Limits | None = None,
@@ -211,7 +267,9 @@ def build_router(manager: ModelManager, model_id: Any, limits: Limits | None = N
         try:
             req = await _read(request)
             name = loaded_id(req.model)
-            messages = to_messages(req.messages, limits, tool_format(manager))
+            # On a worker thread: pictures are decoded to be checked, which must not hold the event loop.
+            messages = await anyio.to_thread.run_sync(to_messages, req.messages, limits, tool_format(manager))
+            _readable(manager, messages)
             params = to_params(req, limits.clamp(manager.default_params()), limits)
             tools = client_tools(req, limits)
         except ApiError as e:
@@ -283,6 +341,8 @@ class Completion:
         if reply.stop_reason:  # stopped by the server (a model swap), not by this client: not a whole answer
             raise ApiError(503, reply.stop_reason, "server_error")
         message: dict[str, Any] = {"role": "assistant", "content": reply.text}
+        if reply.reasoning:  # as vLLM and llama.cpp's server give it: beside the answer, never in it
+            message["reasoning_content"] = reply.reasoning
         if reply.calls:
             message.update(content=reply.text or None, tool_calls=[_call_json(c) for c in reply.calls])
         return {
@@ -304,6 +364,8 @@ class Completion:
                     break
                 if isinstance(event, Text):
                     yield self._event({"content": event.text})
+                elif isinstance(event, Thinking):
+                    yield self._event({"reasoning_content": event.text})
             reply = self.reply
             if reply.error is not None or reply.stop_reason:
                 error = _status_for(reply.error) if reply.error is not None else \

@@ -6,7 +6,9 @@ module knows nothing about Gradio, HTTP or any engine, and imports nothing heavy
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
 import logging
 import re
 import threading
@@ -49,10 +51,44 @@ class ContextOverflow(BackendError):
     """The conversation (or its last message) does not fit the model's context."""
 
 
+@dataclass(frozen=True, repr=False)
+class ImageData:
+    """An image attached to a user message: its bytes as sent (PNG, JPEG, WebP, GIF or BMP) and its
+    size, as chat/attachments.py read and checked them. Vision backends decode it (backends/images.py);
+    the others refuse it."""
+
+    data: bytes
+    mime: str
+    width: int
+    height: int
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, bytes) or not self.data:
+            raise ParamError("An image must be the non-empty bytes of a picture file.")
+        if not (isinstance(self.mime, str) and self.mime.startswith("image/")):
+            raise ParamError(f"An image's type must be image/..., got {self.mime!r}.")
+        if not (isinstance(self.width, int) and isinstance(self.height, int) and self.width > 0 and self.height > 0):
+            raise ParamError(f"An image's width and height must be whole numbers above 0, got {self.width!r} "
+                             f"and {self.height!r}.")
+
+    @property
+    def digest(self) -> str:
+        """Which picture this is (the same bytes, the same digest), for caches keyed by content."""
+        return hashlib.sha256(self.data).hexdigest()
+
+    def data_url(self) -> str:
+        return f"data:{self.mime};base64,{base64.b64encode(self.data).decode('ascii')}"
+
+    def __repr__(self) -> str:  # never the bytes: a repr lands in logs
+        return f"ImageData({self.name!r}, {self.mime}, {self.width}x{self.height}, {len(self.data):,} bytes)"
+
+
 @dataclass(frozen=True)
 class Message:
     role: str
     content: str
+    images: tuple[ImageData, ...] = ()  # a user message's pictures, shown to the model before its text
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -60,9 +96,21 @@ class Message:
         if not isinstance(self.content, str):
             raise ParamError(f"Message content must be text, got {type(self.content).__name__}.")
         object.__setattr__(self, "content", valid_text(self.content))
+        _check_images(self)
 
     def to_dict(self) -> dict[str, str]:
         return {"role": self.role, "content": self.content}
+
+
+def _check_images(message: Message) -> None:
+    images = message.images
+    if isinstance(images, (list, ImageData)):
+        images = tuple(images) if isinstance(images, list) else (images,)
+        object.__setattr__(message, "images", images)
+    if not isinstance(images, tuple) or not all(isinstance(i, ImageData) for i in images):
+        raise ParamError("A message's images must be ImageData (chat/attachments.py reads them).")
+    if images and message.role != "user":
+        raise ParamError(f"Only user messages may carry images, not {message.role} messages.")
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -98,6 +146,7 @@ class GenerationParams:
     do_sample: bool = True
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    thinking: bool | None = None  # the chat template's `enable_thinking`; None: the template's default
 
     def __post_init__(self) -> None:
         # Normalise types first so the checks below compare numbers, not strings.
@@ -110,6 +159,9 @@ class GenerationParams:
             object.__setattr__(self, "seed", _as_number("seed", self.seed, int))
         if not isinstance(self.do_sample, bool):
             raise ParamError(f"do_sample must be true or false, got {self.do_sample!r}.")
+        if self.thinking is not None and not isinstance(self.thinking, bool):
+            raise ParamError(f"thinking must be true, false or empty (the chat template's default), "
+                             f"got {self.thinking!r}.")
         self._check_ranges()
 
     def _check_ranges(self) -> None:
@@ -228,11 +280,14 @@ class Usage:
 
 @dataclass(frozen=True)
 class Chunk:
-    """A text delta. The last chunk of a stream carries finish_reason and usage."""
+    """A text delta. The last chunk of a stream carries finish_reason and usage; the first one
+    from the manager carries the prompt it continues (the chat layer reads the text by it: a
+    prompt may open a `<think>` that only the reply closes)."""
 
     text: str = ""
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
     usage: Usage | None = None
+    prompt: "Prompt | None" = None
 
 
 @dataclass(frozen=True)
@@ -305,6 +360,7 @@ class Prompt:
     token_ids: list[int]
     stop: tuple[str, ...] = ()
     public_tokens: int = 0  # leading ids that are the template's own text, the same for everyone
+    images: tuple[Any, ...] = ()  # vision models: where each image's tokens are in token_ids (hf_vision.Placed)
 
 
 ProgressFn = Callable[[float, str], None]  # (fraction 0..1, what is happening)
@@ -380,7 +436,7 @@ class Job:
 
     messages: list[Message]
     params: GenerationParams
-    prompt: Prompt | None = None  # None: the engine applies the chat template itself
+    prompt: Prompt | None = None  # None: the engine applies the chat template itself (no ids: a text prompt)
     dropped: int = 0
 
 

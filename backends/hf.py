@@ -5,12 +5,15 @@ reach it through a queue and run one at a time, streaming through `TextIteratorS
 `StoppingCriteria` watches the reply's `Cancel`, so the engine is idle within one token; the
 consumer reads with a timeout and never joins, so it returns within one poll of a cancel.
 Errors from the thread travel back as values. A seeded reply samples with its own
-`torch.Generator`: no reply reseeds the process. torch and transformers are imported in
-`load`, never at module import.
+`torch.Generator`: no reply reseeds the process. A checkpoint whose config is an image-text
+model loads with `AutoModelForImageTextToText` and its processor; backends/hf_vision.py puts
+its pictures in the prompt and their pixels into `generate`. torch and transformers are
+imported in `load`, never at module import.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import weakref
@@ -18,12 +21,13 @@ from typing import Any, Iterator
 
 from . import register
 from .base import BackendError, Cancel, GenerationParams, Message, ModelSpec, ProgressFn, Prompt, Usage
+from .hf_vision import Placed, Vision, cache_keys, is_vision, reusable
 from .hf_engine import STOPPED, HFJob, InferenceThread, TokenCounter, read_text, sampling_kwargs
 from .hub import download
 from .locate import Location, locate
 from .kvcache import SessionCaches, common_prefix
 from .prompting import Encode, LocalEngine, encode_segments, engine_options as _engine_options
-from .templates import ChatTemplate, choose, render_segments
+from .templates import ChatTemplate, choose, render_segments, template_context
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -58,6 +62,7 @@ class TransformersBackend(LocalEngine):
         self._eos_ids: list[int] = []
         self._text_stops: tuple[str, ...] = ()
         self._inference: InferenceThread | None = None
+        self.vision: Vision | None = None  # a vision model's processor
 
     # ---- loading -------------------------------------------------------------------------
     def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> None:
@@ -68,11 +73,7 @@ class TransformersBackend(LocalEngine):
         placement = self._placement(spec, torch, transformers)
         progress and progress(0.05, f"Loading tokenizer for {spec.name}")
         try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(where.path, **_files(spec, where))
-            progress and progress(0.2, f"Loading weights for {spec.name}")
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                where.path, **_files(spec, where), **placement
-            )
+            self._load_weights(spec, where, placement, transformers, progress)
             if spec.draft_model:
                 progress and progress(0.8, f"Loading draft model {spec.draft_model}")
                 draft = download(locate(spec.draft_model), progress)
@@ -85,10 +86,30 @@ class TransformersBackend(LocalEngine):
         self.model.eval()
         self.spec = spec
         self.device = str(self.model.device)
-        self.n_ctx = spec.n_ctx or int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
+        text_config = self.model.config.get_text_config()  # a vision model's language half holds it
+        self.n_ctx = spec.n_ctx or int(getattr(text_config, "max_position_embeddings", 0) or 2048)
         self._setup_template(spec)
         self._start_inference()
         progress and progress(1.0, f"Loaded {spec.name}")
+
+    def _load_weights(self, spec: ModelSpec, where: Location, placement: dict[str, Any], transformers: Any,
+                      progress: ProgressFn | None) -> None:
+        """The tokenizer (a vision model's processor) and the model, by what the config says it is."""
+        files = _files(spec, where)
+        self.vision = Vision.load(where.path, files, transformers) if is_vision(where.path, files, transformers) \
+            else None
+        if self.vision is not None and spec.draft_model:
+            raise BackendError(f"{spec.name} is a vision model; assisted generation (draft_model) works with text "
+                               "models only. Remove draft_model from the preset.")
+        self.tokenizer = self.vision.tokenizer if self.vision else \
+            transformers.AutoTokenizer.from_pretrained(where.path, **files)
+        progress and progress(0.2, f"Loading weights for {spec.name}")
+        auto = transformers.AutoModelForImageTextToText if self.vision else transformers.AutoModelForCausalLM
+        self.model = auto.from_pretrained(where.path, **files, **placement)
+
+    @property
+    def takes_images(self) -> bool:
+        return self.vision is not None
 
     def _start_inference(self) -> None:
         if self._inference is None or not self._inference.alive():
@@ -134,8 +155,10 @@ class TransformersBackend(LocalEngine):
 
     def _setup_template(self, spec: ModelSpec) -> None:
         tok = self.tokenizer
-        self.template = choose(spec.chat_template, getattr(tok, "chat_template", None),
-                               tok.bos_token or "", tok.eos_token or "", spec.name)
+        own = (self.vision and self.vision.chat_template) or getattr(tok, "chat_template", None)
+        self.template = choose(spec.chat_template, own, tok.bos_token or "", tok.eos_token or "", spec.name)
+        if self.vision is not None and not spec.chat_template:  # the processor's template takes content parts
+            self.template = dataclasses.replace(self.template, parts=True)
         stops = tuple(self.template.stop) + tuple(spec.stop)
         # Stop words that are single control tokens end generation in the engine (the streamer
         # hides special tokens, so text matching would never see them); the rest match as text.
@@ -159,17 +182,20 @@ class TransformersBackend(LocalEngine):
         if engine is not None and not engine.close(UNLOAD_WAIT_S):  # unload is not on the event loop
             log.warning("the transformers inference thread is still in a step; its memory is freed when it ends")
         self.caches.clear()
-        self.model = self.draft = self.tokenizer = None
+        self.model = self.draft = self.tokenizer = self.vision = None
         if had_model:
             release_memory()
 
     # ---- prompts -------------------------------------------------------------------------
     def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
-               encode: Encode | None = None) -> Prompt:
+               encode: Encode | None = None, thinking: bool | None = None) -> Prompt:
         self._require_loaded()
-        segments = render_segments(self.template, messages, **({"tools": tools} if tools else {}))
+        segments = render_segments(self.template, messages, **template_context(tools, thinking))
         ids, public = encode_segments(segments, encode or self._encode)
-        return Prompt("".join(s.text for s in segments), ids, self._text_stops, public)
+        placed = ()
+        if self.vision is not None:  # each picture's image token becomes its span of tokens
+            ids, public, placed = self.vision.place(ids, public, [i for m in messages for i in m.images])
+        return Prompt("".join(s.text for s in segments), ids, self._text_stops, public, images=placed)
 
     def _encode(self, text: str, special: bool) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"]
@@ -192,7 +218,7 @@ class TransformersBackend(LocalEngine):
         )
         closed = threading.Event()  # the consumer went away (its generator was closed)
         counter = TokenCounter(len(prompt.token_ids), (cancel, closed, engine.closing))
-        reply = HFJob(prompt.token_ids, params, usage, session_id, streamer, counter)
+        reply = HFJob(prompt.token_ids, params, usage, session_id, streamer, counter, images=prompt.images)
         engine.submit(self._run_reply, reply)
         try:
             yield from read_text(reply, engine, cancel)
@@ -204,10 +230,13 @@ class TransformersBackend(LocalEngine):
     def _run_reply(self, reply: "HFJob") -> None:
         """On the inference thread: generate one reply into its streamer; keep its KV cache."""
         torch, transformers = _import_engine()
-        ids = reply.ids
+        keys = cache_keys(reply.ids, reply.images)  # the ids, each picture marked as itself
         try:
-            cache, reply.usage.cached_tokens = self._reusable_cache(reply.session_id, ids, transformers)
+            cache, reply.usage.cached_tokens, unread = self._reusable_cache(reply.session_id, keys, reply.images,
+                                                                            transformers)
             kwargs = self._generate_kwargs(reply, cache, torch, transformers)
+            if unread:  # the pictures whose tokens the cache does not hold yet
+                kwargs.update(self.vision.pixels(unread, self.model))
             with torch.inference_mode():
                 self.model.generate(**kwargs)
         except Exception as e:  # noqa: BLE001 - handed to the consumer, re-raised there
@@ -216,7 +245,7 @@ class TransformersBackend(LocalEngine):
             reply.streamer.end()
             return
         if "past_key_values" in kwargs and self._inference is not None:  # not once unload has cleared them
-            self._keep_cache(reply.session_id, reply.counter, ids, cache)
+            self._keep_cache(reply.session_id, reply.counter, keys, cache)
 
     def _generate_kwargs(self, reply: "HFJob", cache: Any, torch: Any, transformers: Any) -> dict[str, Any]:
         ids, device = reply.ids, self.model.device
@@ -235,22 +264,26 @@ class TransformersBackend(LocalEngine):
             kwargs.pop("past_key_values")
         return kwargs
 
-    def _reusable_cache(self, session_id: str | None, ids: list[int], transformers: Any) -> tuple[Any, int]:
-        """This conversation's cache from its last turn, cut back to the prefix the new prompt shares."""
+    def _reusable_cache(self, session_id: str | None, keys: list[int], placed: tuple[Placed, ...],
+                        transformers: Any) -> tuple[Any, int, list[Placed]]:
+        """This conversation's cache from its last turn, cut back to the prefix the new prompt shares
+        (`keys`: its ids, pictures marked), and the pictures the model must read (those after it)."""
         entry = self.caches.take(session_id)
         if entry is not None:
-            old_ids, cache = entry
-            reuse = min(common_prefix(old_ids, ids), len(ids) - 1)  # the last prompt token is always read
+            old_keys, cache = entry
+            reuse = min(common_prefix(old_keys, keys), len(keys) - 1)  # the last prompt token is always read
+            reuse, unread = reusable(reuse, placed, self.vision is None or self.vision.cache_safe)
             if reuse > 0 and cache.is_croppable:
                 extra = cache.get_seq_length() - reuse
                 if extra > 0:
                     cache.crop(-extra)  # transformers 5: a negative count removes tokens from the end
-                return cache, reuse
-        return transformers.DynamicCache(config=self.model.config), 0
+                return cache, reuse, unread
+        return transformers.DynamicCache(config=self.model.config), 0, list(placed)
 
-    def _keep_cache(self, session_id: str | None, counter: "TokenCounter", ids: list[int], cache: Any) -> None:
+    def _keep_cache(self, session_id: str | None, counter: "TokenCounter", keys: list[int], cache: Any) -> None:
         # The cache holds every token fed to the model: the prompt and all sampled tokens but the last.
-        seen = counter.sequence.tolist() if counter.sequence is not None else ids
+        seen = counter.sequence.tolist() if counter.sequence is not None else keys
+        seen = keys + seen[len(keys):]  # the prompt as its keys, so a picture is matched as itself
         self.caches.put(session_id, seen[: cache.get_seq_length()], cache)
 
     def _loaded(self) -> bool:

@@ -30,6 +30,7 @@ class HFJob:
     streamer: Any
     counter: "TokenCounter"
     failure: list[BaseException] = field(default_factory=list)
+    images: tuple[Any, ...] = ()  # vision models: where each picture's tokens are in ids (hf_vision.Placed)
 
 
 def read_text(reply: HFJob, engine: "InferenceThread", cancel: Cancel) -> Iterator[tuple[str, int]]:

@@ -21,7 +21,7 @@ from .llamacpp_engine import BatchEngine
 from .llamacpp_lib import Lib, Model
 from .locate import Location, locate
 from .prompting import Encode, LocalEngine, encode_segments, engine_options
-from .templates import ChatTemplate, choose, render_segments
+from .templates import ChatTemplate, choose, render_segments, template_context
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,9 @@ class LlamaCppBackend(LocalEngine):
         self.engine = self.model = None
 
     def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
-               encode: Encode | None = None) -> Prompt:
+               encode: Encode | None = None, thinking: bool | None = None) -> Prompt:
         self._require_loaded()
-        segments = render_segments(self.template, messages, **({"tools": tools} if tools else {}))
+        segments = render_segments(self.template, messages, **template_context(tools, thinking))
         ids, public = encode_segments(segments, encode or self._encode)
         bos = self.model.bos()
         if self._add_bos and bos >= 0 and ids[:1] != [bos]:

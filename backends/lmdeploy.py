@@ -18,7 +18,7 @@ from .base import BackendError, Cancel, GenerationParams, Message, ModelSpec, Pr
 from .hub import download
 from .locate import locate
 from .prompting import EngineTemplated
-from .templates import is_source, render_text, resolve
+from .templates import is_source, render_text, resolve, template_context
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = (
@@ -144,7 +144,9 @@ class LMDeployBackend(EngineTemplated):
         unhook = cancel.on_set(session.abort)  # stops the request in the engine from the cancelling thread
         try:
             # One prompt: the conversation, or with a Confab-rendered template the finished text.
-            prompt = [m.to_dict() for m in messages] if self.template is None else render_text(self.template, messages)
+            # (LMDeploy's own templates are not given `thinking`; a Confab-rendered one is.)
+            prompt = [m.to_dict() for m in messages] if self.template is None else \
+                render_text(self.template, messages, **template_context(thinking=params.thinking))
             outputs = self.pipe.stream_infer(prompt, sessions=session, gen_config=gen_config,
                                              do_preprocess=self.template is None)
             for out in outputs:

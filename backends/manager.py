@@ -12,6 +12,7 @@ model back. Knows nothing of Gradio or HTTP, nor who asked: callers check that.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -22,6 +23,7 @@ from typing import Any, Iterator
 from . import create
 from .base import (BackendError, Backend, Cancel, Chunk, GenerationParams, Job, Message, ModelSpec, NotLoaded,
                    ParamError, ProgressFn, Prompt, Usage, Waiting)
+from .prompting import refuse_images
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +136,12 @@ class ModelManager:
             raise NotLoaded()
         return self._backend
 
-    def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> Prompt:
-        return self._require().render(messages, **({"tools": tools} if tools else {}))
+    def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+               thinking: bool | None = None) -> Prompt:
+        """The prompt for the next reply (a conversation ending with the assistant's message: its
+        continuation); `thinking` as `GenerationParams.thinking`."""
+        extra = {"thinking": thinking} if thinking is not None else {}
+        return self._require().render(messages, **({"tools": tools} if tools else {}), **extra)
 
     def template_source(self) -> str | None:
         """The loaded model's chat template text (the chat layer reads its tool-call format there)."""
@@ -145,6 +151,26 @@ class ModelManager:
     def takes_tools(self) -> bool:
         """Whether the loaded model's chat template describes tools itself (`tools=`)."""
         return bool(getattr(self._backend, "takes_tools", False))
+
+    def takes_images(self) -> bool:
+        """Whether the loaded model reads images (a vision model on an engine that takes them)."""
+        return bool(getattr(self._backend, "takes_images", False))
+
+    def check_images(self, messages: list[Message]) -> None:
+        """A ParamError in one line if the conversation holds images the loaded model cannot read
+        (the API asks before it answers; every reply is checked again when it is prepared)."""
+        refuse_images(self._require(), messages)
+
+    def count_tokens(self, text: str) -> int:
+        """`text`'s length in the loaded model's tokens (an estimate for remote engines), e.g. for
+        an attached file (chat/attachments.py)."""
+        count = getattr(self._require(), "count_tokens", None)
+        return count(text) if count else -(-len(text) // 4)  # an engine that cannot say: ~4 characters a token
+
+    @property
+    def n_ctx(self) -> int:
+        """The loaded model's context in tokens (0 when none is loaded or the engine does not say)."""
+        return int(getattr(self._backend, "n_ctx", 0) or 0)
 
     def default_params(self) -> GenerationParams:
         return self.spec.default_params if self.spec else GenerationParams()
@@ -168,15 +194,18 @@ class ModelManager:
         tools: list[dict[str, Any]] | None = None, cancel: Cancel | None = None,
     ) -> Iterator[Chunk | Waiting]:
         """Stream one round of a reply: `Waiting(ahead)` while it waits in line, then text Chunks,
-        the last with finish_reason and usage. Most callers want `reply()`, which runs tools too.
+        the first with the prompt it continues (when the backend rendered one), the last with
+        finish_reason and usage. A conversation that ends with the assistant's message continues
+        that message. Most callers want `reply()`, which runs tools too.
 
         `session_id` names whose conversation this is (a page session, a login, an API key):
         engines reuse cached tokens only within it. `cancel` stops the reply wherever it is (a
         load it waits for, the line, prefill or decode) within 100 ms: it ends with
         finish_reason "cancelled" and, if it never reached the engine, never does.
         """
-        if not messages or messages[-1].role not in ("user", "tool"):
-            raise ParamError("There is nothing to answer: the conversation must end with a user message.")
+        if not messages or messages[-1].role == "system":
+            raise ParamError("There is nothing to answer: the conversation must end with a user message (or an "
+                             "assistant message to continue).")
         cancel = cancel or Cancel()
         ticket, admitted = object(), False
         # A cancel gives back this reply's place (in line or in the engine) at once, from the
@@ -211,7 +240,7 @@ class ModelManager:
                     yield Chunk("", finish_reason="cancelled", usage=Usage())
                     return
                 backend, job = prepared
-            yield from backend.run(job, session_id, cancel)
+            yield from _with_prompt(backend.run(job, session_id, cancel), job.prompt)
         finally:
             unhook()
             self._release(ticket, cancel)
@@ -246,6 +275,19 @@ class ModelManager:
         self._line.popleft()
         self._active.add(cancel)
         return True
+
+
+def _with_prompt(chunks: Iterator[Chunk], prompt: Prompt | None) -> Iterator[Chunk]:
+    """The engine's chunks, the first carrying the prompt (the chat layer reads the reply by it: a
+    prompt may open a `<think>` that only the reply closes)."""
+    try:
+        for chunk in chunks:
+            yield dataclasses.replace(chunk, prompt=prompt) if prompt is not None else chunk
+            prompt = None
+    finally:
+        close = getattr(chunks, "close", None)
+        if close:
+            close()  # at once, not when garbage collected: the engine's `finally` stops the reply
 
 
 def _discard(backend: Backend) -> None:

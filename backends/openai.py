@@ -4,7 +4,8 @@ server, Ollama — and servers Confab starts itself (`[server]` in a preset, or 
 Streams /v1/chat/completions through the official `openai` client; closing the stream closes
 the HTTP response, which is how these servers learn to abort. The server applies the chat
 template, unless the preset names one (`chat_template`): then Confab renders the prompt and
-uses /v1/completions. Knows HTTP and the OpenAI wire format, not Gradio.
+uses /v1/completions. Thinking a server sends apart (`reasoning_content`) comes back inline
+as `<think>…</think>`, as a local model writes it. Knows HTTP and the OpenAI wire format, not Gradio.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from . import register
 from .base import BackendError, Cancel, GenerationParams, Message, ModelSpec, ProgressFn, Usage
 from .prompting import EngineTemplated
 from .server import ManagedServer, free_port
-from .templates import ChatTemplate, render_text, resolve
+from .templates import ChatTemplate, render_text, resolve, template_context
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +121,10 @@ class OpenAIBackend(EngineTemplated):
             if self.template is None:
                 stream = self.client.chat.completions.create(**request)
             else:
-                request["prompt"] = render_text(self.template, request.pop("messages"))
+                request["prompt"] = render_text(self.template, request.pop("messages"),
+                                                **template_context(thinking=params.thinking))
                 stream = self.client.completions.create(**request)
-        n, finished = 0, False
+        n, finished, thinking = 0, False, False
         # A cancel closes the HTTP response from whichever thread sets it: the read blocked in this
         # one fails at once (and the server aborts the request), instead of waiting for a token.
         unhook = cancel.on_set(stream.close)
@@ -136,7 +138,10 @@ class OpenAIBackend(EngineTemplated):
                         n = event.usage.completion_tokens or n
                     for choice in event.choices or ():
                         finished = finished or bool(choice.finish_reason)
-                        text = (choice.delta.content if self.template is None else choice.text) or ""
+                        if self.template is None:
+                            text, thinking = inline_reasoning(choice.delta, thinking)
+                        else:
+                            text = choice.text or ""
                         if text:
                             n += 1
                             yield text, n
@@ -155,12 +160,21 @@ class OpenAIBackend(EngineTemplated):
 
     def _request(self, messages: list[Message], params: GenerationParams) -> dict[str, Any]:
         greedy = params.greedy
-        extra = {
+        extra: dict[str, Any] = {
             "top_k": 1 if greedy else params.top_k,
             "min_p": params.min_p,
             "repetition_penalty": params.repetition_penalty,  # lmdeploy, vLLM, TGI
             "repeat_penalty": params.repetition_penalty,  # llama.cpp server, Ollama
         }
+        thinking = params.thinking
+        if self.template is None and messages and messages[-1].role == "assistant":
+            # Continue that message: vLLM needs telling; llama.cpp's server continues a final
+            # assistant message by itself (ignoring these) but refuses to with thinking on. A
+            # continued answer is past its thinking anyway. Other servers ignore unknown fields.
+            extra.update(continue_final_message=True, add_generation_prompt=False)
+            thinking = False
+        if thinking is not None:  # vLLM, llama.cpp server, SGLang, lmdeploy: into the chat template
+            extra["chat_template_kwargs"] = {"enable_thinking": thinking}
         return {
             "model": self.model_name,
             "messages": messages if self.template else [m.to_dict() for m in messages],
@@ -185,6 +199,21 @@ class OpenAIBackend(EngineTemplated):
             "device": f"remote {self.base_url}" + (" (started by Confab)" if self.server else ""),
             "n_ctx": self.n_ctx,
         }
+
+
+def inline_reasoning(delta: Any, thinking: bool) -> tuple[str, bool]:
+    """A delta's text, with the thinking a server sends apart (`reasoning_content` from vLLM and
+    llama.cpp's server, `reasoning` from newer vLLM) written back inline as `<think>…</think>`,
+    so the chat layer reads every engine's thinking one way. Returns the text and whether a
+    `<think>` is open after it."""
+    thought = getattr(delta, "reasoning_content", None) or getattr(delta, "reasoning", None) or ""
+    text = delta.content or ""
+    out = ""
+    if thought:
+        out, thinking = ("" if thinking else "<think>") + thought, True
+    if text and thinking:
+        out, thinking = out + "</think>", False
+    return out + text, thinking
 
 
 class _OpenAIErrors:

@@ -10,8 +10,8 @@ import re
 from typing import Any, Callable, Iterable, Iterator
 
 from .base import (BackendError, Cancel, Chunk, Clock, ContextOverflow, GenerationParams, Job, Message, ModelSpec,
-                   NotLoaded, Prompt, Usage)
-from .templates import Segment, render_text
+                   NotLoaded, ParamError, Prompt, Usage)
+from .templates import Segment, render_text, template_context
 
 Encode = Callable[[str, bool], list[int]]  # (text, parse control tokens?) -> ids
 
@@ -85,10 +85,12 @@ def fit_context(
 
 def _cut_points(rest: list[Message]) -> list[int]:
     """Where a fitted conversation may begin: 0, then after each dropped exchange (a user message
-    and its reply together, else one message), down to the last message alone."""
+    and its reply together, else one message), down to the last message alone (an assistant
+    message being continued keeps the user message it answers)."""
+    last = 2 if len(rest) > 1 and rest[-1].role == "assistant" and rest[-2].role == "user" else 1
     starts, i = [0], 0
-    while len(rest) - i > 1:
-        i += 2 if len(rest) - i > 2 and rest[i].role == "user" and rest[i + 1].role == "assistant" else 1
+    while len(rest) - i > last:
+        i += 2 if len(rest) - i > last + 1 and rest[i].role == "user" and rest[i + 1].role == "assistant" else 1
         starts.append(i)
     return starts
 
@@ -182,6 +184,7 @@ class LocalEngine:
     n_ctx: int = 0
 
     template: Any = None  # the ChatTemplate in use, set by load()
+    takes_images = False  # a vision model reads the images of user messages
 
     @property
     def takes_tools(self) -> bool:
@@ -192,8 +195,10 @@ class LocalEngine:
         self, messages: list[Message], params: GenerationParams, tools: list[dict[str, Any]] | None = None
     ) -> Job:
         self._require_loaded()
+        refuse_images(self, messages)
         encode = memoized(self._encode)
-        prompt, dropped = fit_context(lambda m: self.render(m, tools=tools, encode=encode), messages, params, self.n_ctx)
+        prompt, dropped = fit_context(lambda m: self.render(m, tools=tools, encode=encode, thinking=params.thinking),
+                                      messages, params, self.n_ctx)
         return Job(messages, params, prompt, dropped)
 
     def run(self, job: Job, session_id: str | None = None, cancel: Cancel | None = None) -> Iterator[Chunk]:
@@ -215,9 +220,14 @@ class LocalEngine:
         if not self._loaded():
             raise NotLoaded()
 
+    def count_tokens(self, text: str) -> int:
+        """`text`'s length in this model's tokens, as message content is encoded."""
+        self._require_loaded()
+        return len(self._encode(text, False))
+
     # Provided by the engine-specific subclass.
     def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
-               encode: Encode | None = None) -> Prompt:  # pragma: no cover
+               encode: Encode | None = None, thinking: bool | None = None) -> Prompt:  # pragma: no cover
         raise NotImplementedError
 
     def _encode(self, text: str, special: bool) -> list[int]:  # pragma: no cover - abstract
@@ -230,6 +240,17 @@ class LocalEngine:
 
     def _loaded(self) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+VISION_EXAMPLE = "SmolVLM-256M-Instruct (the smolvlm-256m-transformers preset)"
+
+
+def refuse_images(backend: Any, messages: list[Message]) -> None:
+    """A text-only model given an image says so in one line, before any engine work."""
+    if getattr(backend, "takes_images", False) or not any(m.images for m in messages):
+        return
+    name = getattr(getattr(backend, "spec", None), "name", None) or "This model"
+    raise ParamError(f"{name} reads text only; load a vision model such as {VISION_EXAMPLE} to send images.")
 
 
 def engine_options(spec: ModelSpec, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -251,11 +272,14 @@ class EngineTemplated:
 
     n_ctx: int = 0
     takes_tools = False  # tools are described in the system prompt (Toolset.prepare)
+    takes_images = False  # images are not sent on to the engine (yet)
     template: Any = None  # a ChatTemplate when Confab renders the prompt for the engine
 
-    def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> Prompt:
+    def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+               thinking: bool | None = None) -> Prompt:
         if self.template is not None:
-            return Prompt(render_text(self.template, messages), [], tuple(self.template.stop))
+            text = render_text(self.template, messages, **template_context(thinking=thinking))
+            return Prompt(text, [], tuple(self.template.stop))
         # The engine owns the template: show what is sent.
         return Prompt("\n".join(f"[{m.role}] {m.content}" for m in messages), [])
 
@@ -264,11 +288,14 @@ class EngineTemplated:
     ) -> Job:
         if not self._loaded():
             raise NotLoaded()
+        refuse_images(self, messages)
         if self.n_ctx:
             params.check_context(self.n_ctx)
-        if self.template is not None:  # Confab renders the prompt, so its template's stop words apply
-            params = params.replace(stop=(*params.stop, *self.template.stop))
-        return Job(messages, params)
+        if self.template is None:
+            return Job(messages, params)
+        # Confab renders the prompt, so its template's stop words apply, and the chat layer may read it.
+        params = params.replace(stop=(*params.stop, *self.template.stop))
+        return Job(messages, params, self.render(messages, thinking=params.thinking))
 
     def run(self, job: Job, session_id: str | None = None, cancel: Cancel | None = None) -> Iterator[Chunk]:
         if not self._loaded():
@@ -291,3 +318,7 @@ class EngineTemplated:
         cancel: Cancel,
     ) -> Iterator[tuple[str, int]]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def count_tokens(self, text: str) -> int:
+        """An estimate (the tokenizer is the engine's, out of reach): about 4 characters a token."""
+        return -(-len(text) // 4)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -32,12 +32,14 @@ class ChatTemplate:
     stop: tuple[str, ...] = ()
     bos_token: str = ""
     eos_token: str = ""
+    parts: bool = False  # content as a list of parts ({"type": "image"}, {"type": "text"}): vision templates
 
 
 @dataclass(frozen=True)
 class Segment:
     text: str
     is_content: bool  # message content: encode as text, never as control tokens
+    message: int | None = field(default=None, compare=False)  # whose content (an index into messages)
 
 
 _SYSTEM_FIRST = (
@@ -202,26 +204,55 @@ def render_segments(
     add_generation_prompt: bool = True,
     **context: Any,
 ) -> list[Segment]:
-    """Render messages through a template, keeping message content apart from template text."""
+    """Render messages through a template, keeping message content apart from template text.
+
+    Asked for a generation prompt after the assistant's own message, it *continues* that
+    message instead (HF's `continue_final_message`, llama.cpp server's assistant prefill): no
+    generation prompt, and nothing after the message's content (no end-of-turn), so the model
+    extends it. `context` reaches the template (`tools`, `enable_thinking`, ...)."""
     if isinstance(template, str):
         template = ChatTemplate(name="custom", source=template)
     messages = list(messages)
+    continuing = add_generation_prompt and bool(messages) and messages[-1].role == "assistant"
+    add_generation_prompt = add_generation_prompt and not continuing
     context = {"bos_token": template.bos_token, "eos_token": template.eos_token, **context}
     nonce = secrets.token_hex(4)
     marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(messages))]
     try:
         compiled = _compile(template.source)
         marked = compiled.render(
-            messages=[{"role": m.role, "content": mark} for m, mark in zip(messages, marks)],
+            messages=[_as_dict(m, mark, template.parts) for m, mark in zip(messages, marks)],
             add_generation_prompt=add_generation_prompt,
             **context,
         )
         plain = compiled.render(
-            messages=[m.to_dict() for m in messages], add_generation_prompt=add_generation_prompt, **context
+            messages=[_as_dict(m, m.content, template.parts) for m in messages],
+            add_generation_prompt=add_generation_prompt, **context,
         )
     except jinja2.TemplateError as e:
         raise BackendError(f"The chat template {template.name!r} could not render this conversation: {e}") from e
-    return _split(marked, nonce, messages, plain)
+    segments = _split(marked, nonce, messages, plain)
+    if continuing:
+        segments = _up_to_content_of(segments, len(messages) - 1, template.name)
+    return [s for s in segments if s.text]
+
+
+def _as_dict(message: Message, content: str, parts: bool) -> dict[str, Any]:
+    """A message as templates take it; with `parts`, its images (placeholders the engine fills in)
+    before its text."""
+    if not parts:
+        return {**message.to_dict(), "content": content}
+    images = [{"type": "image"} for _ in message.images]
+    return {**message.to_dict(), "content": [*images, {"type": "text", "text": content}]}
+
+
+def _up_to_content_of(segments: list[Segment], index: int, name: str) -> list[Segment]:
+    """The segments up to the end of message `index`'s content (its last appearance)."""
+    ends = [i for i, s in enumerate(segments) if s.message == index]
+    if not ends:
+        raise BackendError(f"The chat template {name!r} leaves the last assistant message out, so it cannot "
+                           "be continued.")
+    return segments[: ends[-1] + 1]
 
 
 def _split(marked: str, nonce: str, messages: list[Message], plain: str) -> list[Segment]:
@@ -235,11 +266,12 @@ def _split(marked: str, nonce: str, messages: list[Message], plain: str) -> list
         for match in pattern.finditer(marked):
             if match.start() > pos:
                 segments.append(Segment(marked[pos : match.start()], False))
-            segments.append(Segment(shape(messages[int(match.group(1))].content), True))
+            index = int(match.group(1))
+            segments.append(Segment(shape(messages[index].content), True, index))
             pos = match.end()
         if pos < len(marked):
             segments.append(Segment(marked[pos:], False))
-        segments = [s for s in segments if s.text]
+        segments = [s for s in segments if s.text or s.is_content]  # empty content still marks its place
         if "".join(s.text for s in segments) == plain:
             return segments
         candidates.append(segments)
@@ -248,3 +280,14 @@ def _split(marked: str, nonce: str, messages: list[Message], plain: str) -> list
 
 def render_text(template: ChatTemplate | str, messages: Iterable[Message], **kwargs: Any) -> str:
     return "".join(s.text for s in render_segments(template, messages, **kwargs))
+
+
+def template_context(tools: list[dict[str, Any]] | None = None, thinking: bool | None = None) -> dict[str, Any]:
+    """What a template gets beside the messages: `tools` when there are some, and `enable_thinking`
+    only when it was chosen (templates test `enable_thinking is defined` for their default)."""
+    context: dict[str, Any] = {}
+    if tools:
+        context["tools"] = tools
+    if thinking is not None:
+        context["enable_thinking"] = thinking
+    return context

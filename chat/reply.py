@@ -1,14 +1,20 @@
 """One reply: the contract every caller uses (the page, the API, the terminal, the Python APIs).
 
     reply = manager.reply(messages, params, session, tools=toolset)
-    for event in reply:          # Text | Waiting | ToolStep
+    for event in reply:          # Text | Thinking | Waiting | ToolStep
         ...
     reply.cancel()               # from any thread: effective within 100 ms wherever it is
     reply.text, reply.usage, reply.finish_reason   # stop | length | cancelled | error | tool_calls
+    reply.reasoning, reply.thinking_s              # a reasoning model's thinking, and how long it took
 
 A reply runs rounds: the model answers; if it called tools, each call runs (with a time limit)
 and the model goes on with the results. Calls to `client_tools` (the API's `tools=`) are not run:
 the reply ends with finish_reason "tool_calls" and `.calls`. Usage is summed over rounds.
+
+A reasoning model's `<think>…</think>` (or a `</think>` closing what its prompt opened) comes as
+`Thinking` events and `.reasoning`, never in `.text`, the tool calls read, or `turn()`. A
+conversation that ends with the assistant's message is *continued* (`.continued`): `.text` is
+the new text only, and `turn()` starts with the whole message, which replaces the last one.
 
 Failures do not raise out of the loop: they end it with finish_reason "error" and `.error` (a
 `BackendError` with a message a person can act on), so every caller handles them in one place.
@@ -21,13 +27,15 @@ Knows the manager's `stream`, not Gradio or HTTP.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 from backends.base import BackendError, Cancel, Chunk, GenerationParams, Message, Usage, Waiting
 
 from . import formats
-from .formats import ToolCall, ToolFormat
+from .formats import CallFilter, ToolCall, ToolFormat
+from .thinking import ThinkSplitter, opens_thinking
 from .tools import Toolset, ToolStep, tools_prompt, transcript_messages, with_system_note
 
 log = logging.getLogger(__name__)
@@ -37,6 +45,13 @@ MAX_ROUNDS = 5  # rounds of tool calls in one reply before the model is stopped
 @dataclass(frozen=True)
 class Text:
     """A piece of the reply's visible text (tool calls are never in it)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Thinking:
+    """A piece of the model's thinking (a reasoning model's `<think>` block), apart from the answer."""
 
     text: str
 
@@ -57,12 +72,16 @@ class Reply:
         self.steps: list[ToolStep] = []  # calls run, in order
         self.calls: list[ToolCall] = []  # calls for the client to run (finish_reason "tool_calls")
         self._rounds: list[tuple[str, list[ToolStep]]] = []  # (what was said, the calls run after it)
-        self._tail = ""  # the visible text since the last round of calls
+        self.continued = bool(self.messages) and self.messages[-1].role == "assistant"
+        self._tail = self.messages[-1].content if self.continued else ""  # the visible text since the last calls
+        self.reasoning = ""  # the thinking so far, all rounds
+        self._thought_s = 0.0  # thinking time of the rounds before this one
+        self._thinking: tuple[float, float] | None = None  # this round's first and latest thinking
         self._cancel = Cancel()
         self._events: Iterator[Any] | None = None
 
     # ---- reading and stopping ---------------------------------------------------------------
-    def __iter__(self) -> Iterator[Text | Waiting | ToolStep]:
+    def __iter__(self) -> Iterator[Text | Thinking | Waiting | ToolStep]:
         if self._events is None:
             self._events = self._run()
         return self._events
@@ -94,8 +113,15 @@ class Reply:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def thinking_s(self) -> float:
+        """Seconds the model spent thinking (first to last piece of each round's thinking)."""
+        first, latest = self._thinking or (0.0, 0.0)
+        return self._thought_s + latest - first
+
     def turn(self) -> list[Message]:
-        """What this reply adds to the conversation (see the module docstring)."""
+        """What this reply adds to the conversation (see the module docstring); when `.continued`,
+        its first message is the continued one, whole, to put in place of the last."""
         out: list[Message] = []
         for said, steps in self._rounds:
             out += transcript_messages(said, steps, self.format)
@@ -118,23 +144,16 @@ class Reply:
                 self._cancel.set()
                 self.finish_reason = "cancelled"
 
-    def _rounds_loop(self) -> Iterator[Text | Waiting | ToolStep]:
+    def _rounds_loop(self) -> Iterator[Text | Thinking | Waiting | ToolStep]:
         messages, params, schemas = self._setup()
         known = set(self.tools.tools if self.tools else ()) | {t["function"]["name"] for t in self.client_tools or ()
                                                                 if isinstance(t.get("function"), dict)}
         for round_no in range(self.max_rounds + 1):
-            raw, last = "", None
+            # A continued message is read whole for calls, and replaced whole by its round's transcript.
+            continuing = round_no == 0 and self.continued
             shown = self.format.filter() if known else None
-            for item in self.manager.stream(messages, params, self.session, tools=schemas, cancel=self._cancel):
-                if isinstance(item, Waiting):
-                    yield item
-                    continue
-                raw += item.text
-                visible = shown.feed(item.text) if shown else item.text
-                if visible:
-                    yield self._say(visible)
-                if item.finish_reason is not None:
-                    last = item
+            said, last = yield from self._round(messages, params, schemas, shown)
+            raw = messages[-1].content + said if continuing else said
             calls = self.format.find(raw, known) if known else []
             tail = shown.finish(bool(calls)) if shown else ""
             if tail:
@@ -159,7 +178,36 @@ class Reply:
             if self._cancel.is_set():
                 self.finish_reason = "cancelled"
                 return
-            messages = [*messages, *transcript_messages(self.format.said(raw), steps, self.format)]
+            before = messages[:-1] if continuing else messages
+            messages = [*before, *transcript_messages(self.format.said(raw), steps, self.format)]
+
+    def _round(self, messages: list[Message], params: GenerationParams, schemas: list[dict[str, Any]] | None,
+               shown: CallFilter | None) -> Iterator[Text | Thinking | Waiting]:
+        """One round from the engine as events; returns (the answer's raw text, calls and all, for
+        the tool parser; the last chunk). Thinking goes to `Thinking` events only."""
+        split, said, last = ThinkSplitter(), "", None
+        for item in self.manager.stream(messages, params, self.session, tools=schemas, cancel=self._cancel):
+            if isinstance(item, Waiting):
+                yield item
+                continue
+            if item.prompt is not None:
+                split = ThinkSplitter(opens_thinking(item.prompt.text))
+            if item.finish_reason is not None:
+                last = item
+            said += yield from self._show(*split.feed(item.text), shown)
+        said += yield from self._show(*split.finish(), shown)
+        if self._thinking is not None:
+            self._thought_s, self._thinking = self.thinking_s, None
+        return said, last
+
+    def _show(self, thought: str, answer: str, shown: CallFilter | None) -> Iterator[Text | Thinking]:
+        """The events for a piece of thinking and a piece of answer; returns the answer."""
+        if thought:
+            yield self._think(thought)
+        visible = shown.feed(answer) if shown and answer else answer
+        if visible:
+            yield self._say(visible)
+        return answer
 
     def _setup(self) -> tuple[list[Message], GenerationParams, list[dict[str, Any]] | None]:
         """The conversation, parameters and `tools=` for the engine, with the tools described."""
@@ -186,6 +234,12 @@ class Reply:
         self.text += text
         self._tail += text
         return Text(text)
+
+    def _think(self, text: str) -> Thinking:
+        now = time.perf_counter()
+        self._thinking = (self._thinking[0] if self._thinking else now, now)
+        self.reasoning += text
+        return Thinking(text)
 
     def _count(self, last: Chunk | None) -> None:
         usage = last.usage if last is not None else None

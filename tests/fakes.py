@@ -61,3 +61,37 @@ class FakeEngineBackend:
     def describe(self):
         return {"backend": self.name, "model": self.spec.name if self.spec else None, "device": "none",
                 "n_ctx": self.n_ctx}
+
+
+@register("fake-script-engine")
+class FakeScriptBackend(FakeEngineBackend):
+    """A fake engine that streams `script` in pieces of `piece` characters (so tags and calls fall
+    across deltas), and whose prompt ends with `prompt_tail` (a `<think>` opened by the template,
+    as DeepSeek-R1's and Qwen3-Thinking's do). It records the conversations it was given."""
+
+    script = "<think>\nThe user greets me.\n</think>\n\nHello there!"
+    piece = 3
+    prompt_tail = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[list[Message]] = []
+
+    def render(self, messages: list[Message]) -> Prompt:
+        prompt = super().render(messages)
+        return Prompt(prompt.text + self.prompt_tail, prompt.token_ids)
+
+    def prepare(self, messages, params: GenerationParams, tools=None) -> Job:
+        self.seen.append(list(messages))
+        return super().prepare(messages, params, tools)
+
+    def _deltas(self, params, cancel: Cancel):
+        try:
+            pieces = [self.script[i : i + self.piece] for i in range(0, len(self.script), self.piece)]
+            for n, text in enumerate(pieces[: params.max_new_tokens], 1):
+                if cancel.wait(self.step_delay) if self.step_delay else cancel.is_set():
+                    return
+                self.steps += 1
+                yield text, n
+        finally:
+            self.closed.set()

@@ -69,6 +69,8 @@ def test_sampling_fields_and_extensions_are_honoured(client):
         ({"n": 2}, 400, "n=1"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
         ({"messages": []}, 400, "at least one"),
+        ({"messages": [{"role": "system", "content": "x"}]}, 400, "the assistant's for the model to continue it"),
+        ({"extra_body": {"chat_template_kwargs": {"enable_thinking": 1}}}, 400, "enable_thinking must be"),
     ],
 )
 def test_errors_use_openai_shape_and_status(client, kwargs, status, words):
@@ -76,6 +78,12 @@ def test_errors_use_openai_shape_and_status(client, kwargs, status, words):
     with pytest.raises(openai.APIStatusError) as err:
         client.chat.completions.create(**args)
     assert err.value.status_code == status and words in err.value.message
+
+
+def test_a_final_assistant_message_is_continued(client):
+    r = client.chat.completions.create(model="smollm2-llamacpp", temperature=0, max_tokens=8, messages=[
+        *PARIS, {"role": "assistant", "content": "The capital of France is"}])
+    assert r.choices[0].message.content.lstrip().startswith("Paris")  # the new text only, as llama.cpp's server
 
 
 def test_wrong_key_is_401(keyed_app):

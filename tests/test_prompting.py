@@ -71,3 +71,13 @@ def test_fitting_a_long_chat_renders_it_a_logarithmic_number_of_times():
     assert len(prompt.token_ids) + 20 > 990  # as little dropped as fits: one more exchange would not
     assert calls["render"] <= 14  # bisection: about log2(1000 exchanges) + 2, not one per exchange
     assert calls["encode"] == 2001  # each message tokenized once
+
+
+def test_fitting_a_continued_reply_keeps_the_question_it_answers():
+    msgs = [Message("system", "s " * 5)] + [
+        Message("user" if i % 2 == 0 else "assistant", "w " * 10) for i in range(6)
+    ] + [Message("user", "last question"), Message("assistant", "the reply so far")]
+    prompt, dropped = fit_context(render, msgs, GenerationParams(max_new_tokens=10), n_ctx=35)
+    assert dropped == 6 and len(prompt.token_ids) == 5 + 2 + 4  # system, question, the reply being continued
+    with pytest.raises(BackendError, match="do not fit"):
+        fit_context(render, msgs, GenerationParams(max_new_tokens=10), n_ctx=20)

@@ -38,11 +38,14 @@ def test_stream_without_a_model_says_to_load_one():
         list(ModelManager().stream([Message("user", "hi")], GenerationParams()))
 
 
-def test_stream_needs_a_user_message_last():
+def test_stream_needs_a_message_to_answer_or_continue():
     m = ModelManager()
     m.load(FAKE)
     with pytest.raises(BackendError, match="nothing to answer"):
-        list(m.stream([Message("user", "a"), Message("assistant", "b")], GenerationParams()))
+        list(m.stream([Message("user", "a"), Message("system", "b")], GenerationParams()))
+    # An assistant message last is continued; the first chunk names the prompt it continues.
+    chunks = list(m.stream([Message("user", "a"), Message("assistant", "b")], GenerationParams(max_new_tokens=2)))
+    assert chunks[0].prompt.text.endswith("assistant:b\n") and "".join(c.text for c in chunks) == "one two"
 
 
 def test_stream_yields_deltas_then_a_summary():

@@ -109,3 +109,54 @@ def test_unknown_template_name_lists_builtins():
 def test_template_errors_become_readable():
     with pytest.raises(BackendError, match="could not render"):
         render_text("{{ raise_exception('roles must alternate') }}", [Message("user", "x")])
+
+
+# ---- Continue: a conversation whose last message is the assistant's ---------------------------
+CUT = [*CONVO, Message("assistant", "The capital of")]
+
+
+@pytest.mark.parametrize("name, ending", [
+    ("chatml", "<|im_start|>assistant\nThe capital of"),
+    ("llama-3", "<|start_header_id|>assistant<|end_header_id|>\n\nThe capital of"),
+    ("gemma", "<start_of_turn>model\nThe capital of"),
+])
+def test_a_final_assistant_message_is_continued_not_closed(name, ending):
+    text = render_text(BUILTIN[name], CUT)
+    # The whole conversation as before, then the reply so far: no end-of-turn, no new turn.
+    assert text == EXPECTED[name][0] + "The capital of" and text.endswith(ending)
+    segments = render_segments(BUILTIN[name], CUT)
+    assert segments[-1].is_content and segments[-1].text == "The capital of"
+    closed = render_text(BUILTIN[name], CUT, add_generation_prompt=False)  # the whole chat, as it stands
+    assert closed.startswith(text) and closed != text
+
+
+def test_an_empty_final_assistant_message_continues_from_the_generation_prompt():
+    assert render_text(BUILTIN["chatml"], [*CONVO, Message("assistant", "")]) == EXPECTED["chatml"][0]
+
+
+def test_a_conversation_ending_with_a_tool_result_gets_a_generation_prompt():
+    text = render_text(BUILTIN["chatml"], [*CUT, Message("tool", "42")])
+    assert text.endswith("<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_continuing_keeps_a_trimming_templates_own_text():
+    trims = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] | trim }}</{{ m['role'] }}>{% endfor %}"
+             "{% if add_generation_prompt %}<assistant>{% endif %}")
+    said = [Message("user", "Hi"), Message("assistant", " Hello ")]
+    assert render_text(trims, said) == "<user>Hi</user><assistant>Hello"
+
+
+def test_a_template_that_drops_the_final_assistant_message_says_it_cannot_continue():
+    users_only = "{% for m in messages if m['role'] == 'user' %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(BackendError, match="cannot be continued"):
+        render_text(users_only, [Message("user", "Hi"), Message("assistant", "Hello")])
+
+
+def test_enable_thinking_reaches_the_template_only_when_chosen():
+    from backends.templates import template_context
+
+    source = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+              "{% if enable_thinking is defined %}[{{ enable_thinking }}]{% else %}[default]{% endif %}")
+    said = [Message("user", "Hi")]
+    assert [render_text(source, said, **template_context(thinking=t)) for t in (None, True, False)] == [
+        "Hi[default]", "Hi[True]", "Hi[False]"]
