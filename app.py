@@ -79,6 +79,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="longest message, system prompt or imported message in characters (default %(default)s)")
     p.add_argument("--max-messages", type=int, default=1_000, metavar="N",
                    help="most messages in one conversation (default %(default)s)")
+    p.add_argument("--max-conversations", type=int, default=200, metavar="N",
+                   help="most conversations kept per browser, or per login with --auth (default %(default)s)")
+    p.add_argument("--max-file-bytes", default="8MB", metavar="SIZE",
+                   help="largest attached file, read before anything else is done with it (default %(default)s)")
+    p.add_argument("--max-image-bytes", default="8MB", metavar="SIZE",
+                   help="largest picture sent to a vision model (default %(default)s)")
+    p.add_argument("--max-image-pixels", type=int, default=20_000_000, metavar="N",
+                   help="most pixels in one picture, checked before it is decoded (default %(default)s)")
+    p.add_argument("--max-images", type=int, default=16, metavar="N",
+                   help="most pictures in one conversation (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=4_096, metavar="N",
                    help="most tokens one reply may ask for (default %(default)s)")
     p.add_argument("--state-dir", type=Path, default=None,
@@ -115,13 +125,13 @@ def read_auth(pairs: list[str], auth_file: Path | None) -> list[tuple[str, str]]
     return creds
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, flag: str = "--max-body") -> int:
     """8MB, 500kb, 2GiB, 1048576 -> bytes."""
     import re
 
     match = re.fullmatch(r"(\d+)\s*([kmg]?)(?:i?b)?", text.strip().lower())
     if not match or int(match[1]) < 1:
-        raise SystemExit(f"--max-body {text!r}: give a size such as 8MB, 500KB or 1048576.")
+        raise SystemExit(f"{flag} {text!r}: give a size such as 8MB, 500KB or 1048576.")
     return int(match[1]) * 1024 ** " kmg".index(match[2] or " ")
 
 
@@ -130,11 +140,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise SystemExit("--concurrency must be at least 1.")
     if not 0 <= args.swap_grace <= 3600:
         raise SystemExit("--swap-grace must be from 0 to 3600 seconds.")
-    for flag in ("max_message_chars", "max_messages", "max_new_tokens"):
+    for flag in ("max_message_chars", "max_messages", "max_new_tokens", "max_conversations", "max_image_pixels",
+                 "max_images"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1.")
     limits = {"body_bytes": parse_size(args.max_body), "message_chars": args.max_message_chars,
-              "messages": args.max_messages, "max_new_tokens": args.max_new_tokens}
+              "messages": args.max_messages, "max_new_tokens": args.max_new_tokens,
+              "conversations": args.max_conversations, "file_bytes": parse_size(args.max_file_bytes, "--max-file-bytes"),
+              "image_bytes": parse_size(args.max_image_bytes, "--max-image-bytes"), "image_pixels": args.max_image_pixels,
+              "images": args.max_images}
     return Settings(
         preset=args.preset, model=args.model, backend=args.backend, host=args.host, port=args.port,
         share=args.share, auth=read_auth(args.auth, args.auth_file), admins=args.admin + _env_list("CONFAB_ADMINS"),
@@ -211,7 +225,7 @@ def serve(settings: Settings, presets: dict, sampling: dict, key: str | None, sp
     from backends.base import BackendError
     from backends.manager import ModelManager
     from ui.handlers import Handlers
-    from ui.layout import CSS, build
+    from ui.layout import CSS, JS, build
     from web.door import Door, Gate
     from web.policy import Access, Limits
     from web.state import StateDir, default_state_dir
@@ -241,7 +255,7 @@ def serve(settings: Settings, presets: dict, sampling: dict, key: str | None, sp
     gate = Gate(access, limits)
     demo.launch(
         server_name=settings.host, server_port=settings.port, share=settings.share,
-        auth=gate.check_login if settings.auth else None, css=CSS, footer_links=["api"], max_threads=2 * UI_REPLIES + 16,
+        auth=gate.check_login if settings.auth else None, css=CSS, js=JS, footer_links=["api"], max_threads=2 * UI_REPLIES + 16,
         prevent_thread_lock=True, max_file_size=limits.body_bytes,
         # Gradio's own checks of a malformed payload then say what was wrong (our handlers turn
         # every error into a message already; this adds Gradio's, which name the field).

@@ -203,3 +203,12 @@ def hf(tiny_model_dir):
     backend.load(hf_spec(tiny_model_dir))
     yield backend
     backend.unload()
+
+
+def saved_chat(saved: dict) -> tuple[list[dict], str]:
+    """The chat on screen and its system prompt, from what the page keeps in the browser."""
+    from chat import conversations as cv
+    from ui.chat import clean_history
+
+    conv = next(c for c in saved["conversations"] if c["id"] == saved["current"])
+    return cv.messages(cv.from_data(conv, clean_history, 10_000)), conv["system"]

@@ -32,8 +32,7 @@ def test_reply_streams_piece_by_piece(app):
     final = outputs[-1]
     assert "Paris" in texts[-1]
     assert "tok/s" in final[2] and "first token" in final[2]
-    saved = final[3]
-    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"]
+    assert [m["role"] for m in final[1]] == ["user", "assistant"]
 
 
 def test_cancel_mid_stream_frees_the_engine(app):
@@ -62,15 +61,14 @@ def test_two_concurrent_clients_stay_apart(app):
         client = Client(app.url, verbose=False)
         first = client.predict(message=questions[key], history=[], system_prompt=f"session {key}",
                                do_sample=False, max_new_tokens=48, api_name="/respond")
-        return first[3]
+        return first[1]
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         saved = dict(zip(questions, pool.map(chat, questions)))
-    for key, state in saved.items():
-        assert state["system"] == f"session {key}"
-        users = [m["content"] for m in state["messages"] if m["role"] == "user"]
+    for key, messages in saved.items():
+        users = [text_of(m) for m in messages if m["role"] == "user"]
         assert users == [questions[key]]
-        assert state["messages"][-1]["role"] == "assistant" and state["messages"][-1]["content"]
+        assert messages[-1]["role"] == "assistant" and text_of(messages[-1])
 
 
 def test_history_is_continued_and_undo_and_clear_work(app):
@@ -80,10 +78,15 @@ def test_history_is_continued_and_undo_and_clear_work(app):
     out = client.predict(message="What is my name?", history=out[1], system_prompt="", do_sample=False,
                          max_new_tokens=32, api_name="/respond")
     assert [m["role"] for m in out[1]] == ["user", "assistant", "user", "assistant"]
-    text, history, saved = client.predict(history=out[1], system_prompt="", api_name="/undo")
+    first_reply = out[1][1]
+    text, history, saved, *_ = client.predict(history=out[1], system_prompt="", api_name="/undo")
     assert text == "What is my name?" and len(history) == 2
     regen = client.predict(history=history, system_prompt="", api_name="/regenerate")
     assert len(regen[1]) == 2 and regen[1][-1]["role"] == "assistant"
+    # The earlier reply is kept: the new one is version 2 of 2, with ‹ › under it.
+    labels = [o.get("label") for o in regen[1][-1].get("options") or []]
+    assert labels == ["‹", "2 / 2", "›"], regen[1][-1]
+    assert first_reply["content"] == history[1]["content"]
     assert client.predict(system_prompt="", api_name="/clear")[1] == []
 
 
@@ -107,7 +110,7 @@ def test_export_and_import_round_trip(app, tmp_path):
     history = [{"role": role, "content": [{"type": "text", "text": text}]}
                for role, text in [("user", "hello"), ("assistant", "hi there")]]
     path = client.predict(history=history, system_prompt="Be kind", api_name="/export")
-    restored, system, saved = client.predict(file=handle_file(path), api_name="/import")
+    restored, system, *_ = client.predict(file=handle_file(path), api_name="/import")
     assert system == "Be kind" and [text_of(m) for m in restored] == ["hello", "hi there"]
     bad = tmp_path / "bad.json"
     bad.write_text("{broken")

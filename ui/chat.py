@@ -35,6 +35,18 @@ PARAM_FIELDS = (
 RANDOM_SEED = -1  # what the seed box shows for "pick a new seed each time"
 MARKS = {"cancelled": "\n\n*(stopped)*", "error": "\n\n*(failed)*"}  # after a reply that ended so
 CALL_ID = "call:"  # a tool step's metadata id: this prefix, then the call as JSON
+THINKING_ID = "thinking"  # a reasoning model's thinking: shown folded, never sent back to the model
+
+
+def thinking_message(text: str, seconds: float | None, done: bool) -> dict[str, Any]:
+    meta: dict[str, Any] = {"title": "Thinking", "id": THINKING_ID, "status": "done" if done else "pending"}
+    if seconds is not None:
+        meta["duration"] = round(seconds, 1)
+    return {"role": "assistant", "content": text, "metadata": meta}
+
+
+def is_thinking(m: dict[str, Any] | None) -> bool:
+    return bool(m) and isinstance(m.get("metadata"), dict) and m["metadata"].get("id") == THINKING_ID
 
 
 def mark(text: str, finish_reason: str | None) -> str:
@@ -80,6 +92,11 @@ def clean_history(history: Any) -> list[dict[str, Any]]:
             continue
         meta = item.get("metadata") if isinstance(item.get("metadata"), dict) else {}
         call = step_call(meta) if item["role"] == "assistant" else None
+        if item["role"] == "assistant" and meta.get("id") == THINKING_ID:
+            duration = meta.get("duration")
+            out.append(thinking_message(valid_text(flatten(item.get("content"))),
+                                        duration if isinstance(duration, (int, float)) else None, True))
+            continue
         if meta.get("title") and call is None:
             continue
         clean = {"role": item["role"], "content": valid_text(flatten(item.get("content")))}
@@ -135,6 +152,8 @@ def _runs(history: list[dict[str, Any]]):
     said: str | None = None
     steps: list[ToolStep] = []
     for m in [*history, None]:  # None flushes what is pending
+        if is_thinking(m):
+            continue  # the thinking is the model's own scratch: later turns do not see it
         call = step_call(m.get("metadata") or {}) if m and m["role"] == "assistant" else None
         if call is not None:
             steps.append(ToolStep(call, m["content"], True))

@@ -14,36 +14,41 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import gradio as gr
 
 from backends.base import BackendError, GenerationParams, ModelSpec, Waiting, valid_text
 from backends.manager import ModelManager
-from chat.reply import Reply, Text, tool_format
+from chat.reply import Reply, Text, Thinking, tool_format
 from chat.tools import Tool, Toolset, ToolStep, preset_toolset
+from chat import conversations as cv
 from web.policy import Access, Limits
 from web.state import StateDir, default_state_dir
+from web.store import ConversationStore
 
 from .chat import (
     PARAM_FIELDS,
     clean_history,
     export_json,
     flatten,
-    import_json,
     mark,
     params_from_ui,
+    step_call,
     step_message,
+    thinking_message,
     text_input,
     to_messages,
 )
+from .conversations import SETTINGS, ConversationPanel, as_book, login, shown, versions_menu
 from .models import ModelPanel
 
 log = logging.getLogger(__name__)
+REPLY_OUTPUTS = 7  # input, chat, status, book, conversations, versions, continue
 FRAME_S = 0.04  # shortest time between two streamed updates of the page (25 per second)
 SETTLE_S = 2.0  # how long an action waits for the reply it stopped to hand back its chat
 STOP_WAIT_S = 0.25  # how long a Stop waits for a reply its Send has not begun (both are queued: ms apart)
+CHECKPOINT_S = 2.0  # a login's reply is written to the server this often while it streams
 
 
 def _shown(fn: Callable) -> Callable:
@@ -64,11 +69,7 @@ def _shown(fn: Callable) -> Callable:
     return wrapper
 
 
-def _saved(history: list[dict], system: str) -> dict[str, Any]:
-    return {"messages": clean_history(history), "system": system or ""}
-
-
-class Handlers(ModelPanel):
+class Handlers(ConversationPanel, ModelPanel):
     def __init__(
         self,
         manager: ModelManager,
@@ -86,6 +87,7 @@ class Handlers(ModelPanel):
         self.access = access or Access()  # default: the machine's owner at a loopback page
         self.limits = limits or Limits()
         self.state = state or StateDir(default_state_dir())
+        self.store = ConversationStore(self.state.path / "conversations.sqlite3")
         self._live: dict[str, _Live] = {}  # the reply streaming in each browser session
         self._live_lock = threading.Lock()
 
@@ -105,37 +107,55 @@ class Handlers(ModelPanel):
         seed: int,
         stop: str,
         use_tools: bool = True,
+        book: Any = None,
         request: gr.Request = None,
     ) -> Iterator[tuple]:
-        """Send: show the user's message at once, then stream the reply. Outputs: input, chat, status, saved."""
-        values = dict(zip(PARAM_FIELDS, (temperature, top_p, top_k, min_p, max_new_tokens,
-                                         repetition_penalty, do_sample, seed, stop)))
+        """Send: show the user's message at once, then stream the reply. Outputs: REPLY_OUTPUTS."""
+        values = (temperature, top_p, top_k, min_p, max_new_tokens, repetition_penalty, do_sample, seed, stop)
         text, system_prompt = _text(message, "The message").strip(), _text(system_prompt)
         if not text:
             gr.Warning("Type a message first.")
-            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield (gr.skip(),) * REPLY_OUTPUTS
             return
-        params = self._params(values)
+        params = self._params(dict(zip(PARAM_FIELDS, values)))
         history = self._settled(request, history)  # a reply still streaming is stopped first
         history = self._checked(history, system_prompt, extra=[{"role": "user", "content": text}])
-        yield from self._reply(history, system_prompt, params, request, self._toolset(use_tools), clear_input=True)
+        yield from self._reply(history, system_prompt, params, request, self._toolset(use_tools),
+                               _Target(as_book(book), (*values, use_tools)), clear_input=True)
 
     # Gradio fills annotated Request/EditData parameters only before a *args, hence their place.
     # `values` is the sampling controls in PARAM_FIELDS order, then the "Use tools" box.
-    def regenerate(self, request: gr.Request, history: list[dict], system_prompt: str, *values: Any):
+    def regenerate(self, request: gr.Request, history: list[dict], system_prompt: str, book: Any, *values: Any):
+        """Another reply to the last message, kept beside the earlier ones (‹ 2/2 ›)."""
         system_prompt = _text(system_prompt)
         history = self._checked(self._settled(request, history), system_prompt)
         while history and history[-1]["role"] == "assistant":
             history.pop()
         if not history:
             gr.Warning("There is no message to answer yet.")
-            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield (gr.skip(),) * REPLY_OUTPUTS
             return
         params, toolset = self._controls(values)
-        yield from self._reply(history, system_prompt, params, request, toolset)
+        yield from self._reply(history, system_prompt, params, request, toolset, _Target(as_book(book), values))
 
-    def edit(self, request: gr.Request, edit: gr.EditData, history: list[dict], system_prompt: str, *values: Any):
-        """A user message was edited in place: drop what followed it and answer again."""
+    def continue_reply(self, request: gr.Request, history: list[dict], system_prompt: str, book: Any,
+                       *values: Any):
+        """Continue: the reply cut off at max_new_tokens goes on in the same message (the engine
+        reads the conversation so far from its cache, not from scratch)."""
+        system_prompt = _text(system_prompt)
+        history = self._checked(self._settled(request, history), system_prompt)
+        if not history or history[-1]["role"] != "assistant" or step_call(history[-1].get("metadata") or {}):
+            gr.Warning("There is no reply to continue.")
+            yield (gr.skip(),) * REPLY_OUTPUTS
+            return
+        params, toolset = self._controls(values)
+        yield from self._reply(history, system_prompt, params, request, toolset, _Target(as_book(book), values),
+                               continuing=True)
+
+    def edit(self, request: gr.Request, edit: gr.EditData, history: list[dict], system_prompt: str, book: Any,
+             *values: Any):
+        """A user message was edited in place: a new version of it is answered; the old one and
+        what followed it stay (the versions menu goes back to them)."""
         index = edit.index[0] if isinstance(edit.index, (list, tuple)) and edit.index else edit.index
         self._settled(request, history)
         if not isinstance(history, list) or not isinstance(index, int) or not 0 <= index < len(history):
@@ -144,7 +164,7 @@ class Handlers(ModelPanel):
         history = self._checked(history[:index], system_prompt,
                                 extra=[{"role": "user", "content": valid_text(flatten(edit.value))}])
         params, toolset = self._controls(values)
-        yield from self._reply(history, system_prompt, params, request, toolset)
+        yield from self._reply(history, system_prompt, params, request, toolset, _Target(as_book(book), values))
 
     def _checked(self, history: Any, system_prompt: str, extra: list[dict] = ()) -> list[dict]:
         """The chat as plain messages, refused with a message when it is past the server's limits
@@ -196,13 +216,23 @@ class Handlers(ModelPanel):
             raise gr.Error(f"{e} Fix it in the Sampling panel.", print_exception=False) from e
         return params
 
-    def _reply(self, history, system_prompt, params, request, toolset: Toolset, clear_input=False) -> Iterator[tuple]:
+    def _reply(self, history, system_prompt, params, request, toolset: Toolset, target: "_Target",
+               clear_input=False, continuing=False) -> Iterator[tuple]:
         """Stream a reply into the chat, one per browser session: Stop (`stop`) cancels it, and so
-        does any other action of the same session, which then goes on from the chat it left."""
+        does any other action of the same session, which then goes on from the chat it left. The
+        reply is a new version in the conversation's tree (or, continuing, the same one, longer)."""
         owner = _owner(request)
+        conv = self.current(target.book, system_prompt)
+        conv["system"], conv["settings"] = system_prompt, dict(zip(SETTINGS, target.values))
+        cv.follow(conv, history)
+        if continuing:
+            node, start = conv["end"], len(history) - len(conv["nodes"][conv["end"]]["messages"])
+        else:
+            node, start = cv.add_reply(conv), len(history)
+        conv["nodes"][node].pop("finish", None)
         messages = to_messages(history, system_prompt, tool_format(self.manager))
         reply = self.manager.reply(messages, params, owner, tools=toolset)
-        live = _Live(reply, history)
+        live = _Live(reply, list(history), conv, node, start)
         with self._live_lock:
             if owner is not None:
                 # Two Sends at once (a double Enter): the older is stopped, never left untracked.
@@ -211,32 +241,52 @@ class Handlers(ModelPanel):
                     older.reply.cancel()
                 self._live[owner] = live
         try:
-            yield from self._stream(live, system_prompt, request, clear_input)
+            yield from self._stream(live, target.book, request, clear_input, continuing)
         finally:
             reply.cancel()  # closed by Gradio (a closed tab): the engine stops too
             with self._live_lock:
                 if owner is not None and self._live.get(owner) is live:
                     del self._live[owner]
+            self._record(live, request)
             live.ended.set()
 
-    def _stream(self, live: "_Live", system_prompt, request, clear_input) -> Iterator[tuple]:
-        """Stream into a new assistant message; each tool call becomes a collapsible step.
-        Yields (input, chat, status, saved)."""
-        history, reply = live.shown, live.reply
-        message = {"role": "assistant", "content": ""}
-        shown = live.shown = history + [message]
-        yield ("" if clear_input else gr.skip()), shown, "Thinking…", _saved(history, system_prompt)
-        last_frame = 0.0
+    def _stream(self, live: "_Live", book, request, clear_input, continuing) -> Iterator[tuple]:
+        """Stream into a new assistant message (or the last one, continuing); each tool call
+        becomes a collapsible step. Yields REPLY_OUTPUTS values."""
+        reply, conv, shown_ = live.reply, live.conv, live.shown
+        if continuing:
+            message = shown_[-1] = dict(shown_[-1])
+        else:
+            message = {"role": "assistant", "content": ""}
+            shown_.append(message)
+        if login(request) is not None:
+            self.persist(book, request, conv)  # the question is kept before the reply begins
+        yield ("" if clear_input else gr.skip()), shown_, "Thinking…", book, self.listing(book), gr.skip(), \
+            gr.update(visible=False)
+        last_frame = last_save = time.monotonic()
+        thought: dict | None = None  # the folded "Thinking" message, while the model thinks
         for event in reply:
-            if isinstance(event, ToolStep):
+            if thought is not None and not isinstance(event, (Thinking, Waiting)):
+                thought.update(thinking_message(reply.reasoning, reply.thinking_s, True))
+                thought = None
+            if isinstance(event, Thinking):
+                if thought is None:
+                    thought = thinking_message("", None, False)
+                    shown_.insert(shown_.index(message), thought)
+                thought["content"] += event.text
+                now = time.monotonic()
+                if now - last_frame >= FRAME_S:
+                    last_frame = now
+                    yield gr.skip(), shown_, *(gr.skip(),) * 5
+            elif isinstance(event, ToolStep):
                 if not message["content"].strip():
-                    shown.remove(message)
+                    shown_.remove(message)
                 message = {"role": "assistant", "content": ""}
-                shown += [step_message(event), message]
-                yield gr.skip(), shown, f"Used {event.call.name}…", gr.skip()
+                shown_ += [step_message(event), message]
+                yield gr.skip(), shown_, f"Used {event.call.name}…", *(gr.skip(),) * 4
             elif isinstance(event, Waiting):
                 ahead = "1 reply" if event.ahead == 1 else f"{event.ahead} replies"
-                yield gr.skip(), gr.skip(), f"Waiting for the model: {ahead} ahead of yours…", gr.skip()
+                yield gr.skip(), gr.skip(), f"Waiting for the model: {ahead} ahead of yours…", *(gr.skip(),) * 4
             elif isinstance(event, Text):
                 message["content"] += event.text
                 # At most one page update per frame: each update re-sends the chat and costs
@@ -244,14 +294,41 @@ class Handlers(ModelPanel):
                 now = time.monotonic()
                 if now - last_frame >= FRAME_S:
                     last_frame = now
-                    yield gr.skip(), shown, gr.skip(), gr.skip()
+                    yield gr.skip(), shown_, *(gr.skip(),) * 5
+                if now - last_save >= CHECKPOINT_S and login(request) is not None:
+                    last_save = now  # a login's reply is on the server even if this process dies mid-reply
+                    cv.set_messages(conv, live.node, shown_[live.start:])
+                    self.persist(book, request, conv)
+        if thought is not None:
+            thought.update(thinking_message(reply.reasoning, reply.thinking_s, True))
         if not message["content"].strip():
-            shown.remove(message)  # no empty assistant message, whatever ended the reply
+            shown_.remove(message)  # no empty assistant message, whatever ended the reply
         else:
             message["content"] = mark(message["content"], reply.finish_reason)
-        yield gr.skip(), shown, self._ended_line(reply, request), _saved(shown, system_prompt)
+        self._record(live, request)
+        cut = reply.finish_reason == "length"
+        yield gr.skip(), shown(conv), self._ended_line(reply, request), book, self.listing(book), \
+            versions_menu(conv), gr.update(visible=cut)
         if reply.error is not None:
             raise self._error(reply.error, request) from reply.error
+
+    def _record(self, live: "_Live", request) -> None:
+        """Write what the reply left into its conversation (once; a reply that left nothing leaves
+        no empty version behind). A login's copy on the server is written here too."""
+        if live.recorded:
+            return
+        live.recorded = True
+        conv, said = live.conv, live.shown[live.start:]
+        if live.node not in conv["nodes"]:
+            return  # the conversation was cleared meanwhile
+        if said:
+            cv.set_messages(conv, live.node, said)
+            if live.reply.finish_reason == "length":
+                conv["nodes"][live.node]["finish"] = "length"
+        elif conv["end"] == live.node:
+            cv.remove(conv, live.node)
+        if login(request) is not None:
+            self.persist({}, request, conv)
 
     def _ended_line(self, reply: Reply, request) -> str:
         if reply.finish_reason == "cancelled":
@@ -287,32 +364,48 @@ class Handlers(ModelPanel):
         return live.shown
 
     # ---- editing the conversation ---------------------------------------------------------
+    # Outputs of undo and clear: input, chat, saved, book, list, versions, continue.
     @_shown
-    def undo(self, history: list[dict], system_prompt: str, request: gr.Request = None):
+    def undo(self, history: list[dict], system_prompt: str, book: Any = None, request: gr.Request = None):
         """Remove the last exchange (stopping it first if it streams) and put its message back in the input box."""
-        system_prompt = _text(system_prompt)
+        system_prompt, book = _text(system_prompt), as_book(book)
         history = clean_history(self._settled(request, history))
-        while history and history[-1]["role"] == "assistant":
-            history.pop()
-        text = history.pop()["content"] if history else ""
-        return text, history, _saved(history, system_prompt)
+        conv = self.current(book, system_prompt)
+        cv.follow(conv, history)
+        users = [nid for nid in cv.path(conv) if conv["nodes"][nid]["role"] == "user"]
+        text = ""
+        if users:
+            text = conv["nodes"][users[-1]]["messages"][0]["content"]
+            cv.remove(conv, users[-1])
+        return text, shown(conv), self.persist(book, request, conv), book, self.listing(book), versions_menu(conv), \
+            gr.update(visible=False)
 
     @_shown
-    def clear(self, system_prompt: str, request: gr.Request = None):
+    def clear(self, system_prompt: str, book: Any = None, request: gr.Request = None):
+        """Empty the chat on screen (its earlier versions too); other conversations stay."""
         self._settled(request, [])  # a reply still streaming stops first, so it cannot write the chat back
-        return "", [], _saved([], _text(system_prompt))
+        book = as_book(book)
+        conv = book["convs"].get(book.get("current"))
+        if conv is not None:
+            cv.clear(conv)
+            conv["system"] = _text(system_prompt)
+        return "", [], self.persist(book, request, conv), book, self.listing(book), versions_menu(conv or cv.new()), \
+            gr.update(visible=False)
 
-    def restore(self, saved: dict | None):
-        """The chat saved in the browser (the page's own copy: checked like any input)."""
-        saved = saved if isinstance(saved, dict) else {}
-        messages = saved.get("messages") if isinstance(saved.get("messages"), list) else []
-        system = saved.get("system") if isinstance(saved.get("system"), str) else ""
-        return clean_history(messages[-self.limits.messages:]), system[: self.limits.message_chars]
-
-    @staticmethod
     @_shown
-    def save(history: list[dict], system_prompt: str):
-        return _saved(history, _text(system_prompt))
+    def save(self, history: list[dict], system_prompt: str, book: Any = None, request: gr.Request = None):
+        """The system prompt was changed: the conversation on screen keeps it."""
+        book = as_book(book)
+        conv = book["convs"].get(book.get("current"))
+        if conv is None:
+            return gr.skip(), book
+        conv["system"] = _text(system_prompt)
+        cv.touch(conv)
+        return self.persist(book, request, conv), book
+
+    def keep(self, book: Any, request: gr.Request = None):
+        """After a reply: the browser's copy of the conversations (a login's are on the server)."""
+        return self.persist(as_book(book), request)
 
     @_shown
     def export_chat(self, history: list[dict], system_prompt: str) -> str:
@@ -321,17 +414,17 @@ class Handlers(ModelPanel):
         return str(self.state.export(name, export_json(self._checked(history, system_prompt), system_prompt)))
 
     @_shown
-    def import_chat(self, file: str | None, request: gr.Request = None):
-        self._settled(request, [])  # a reply still streaming stops first, so it cannot write over the import
-        if not file:
-            raise gr.Error("Choose a .json file to import.")
-        try:
-            text = Path(file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise gr.Error(f"Could not read that file ({e}). Import a UTF-8 .json file.") from e
-        history, system = import_json(text, self.limits)
-        gr.Info(f"Imported {len(history)} messages.")
-        return history, system, _saved(history, system)
+    def import_chat(self, file: str | None, book: Any = None, request: gr.Request = None):
+        """Import: a new conversation (or several, from an "export all"); nothing is overwritten."""
+        return self.import_file(book, file, request)
+
+
+@dataclass
+class _Target:
+    """Where a reply goes: the session's book, and the controls it was asked with (SETTINGS order)."""
+
+    book: dict[str, Any]
+    values: tuple
 
 
 @dataclass
@@ -340,6 +433,10 @@ class _Live:
 
     reply: Reply
     shown: list[dict]  # the history it answers, then with its reply as it streams
+    conv: dict[str, Any]  # the conversation it belongs to
+    node: str  # its turn in that conversation's tree
+    start: int  # where its messages begin in `shown`
+    recorded: bool = False
     ended: threading.Event = field(default_factory=threading.Event)
 
 

@@ -12,34 +12,90 @@ import gradio as gr
 from backends.base import GenerationParams
 
 from .chat import PARAM_FIELDS, ui_values
+from .conversations import browser_value, empty_book
 from .handlers import Handlers
 from .models import CUSTOM
 
 CSS = """
-#status { min-height: 1.5em; font-size: 0.9em; opacity: 0.85; }
+#status { min-height: 1.5em; font-size: 0.9em; opacity: 0.9; }
 #chatbot { flex-grow: 1; }
 footer { display: none !important; }
+/* Text on buttons at least 4.5:1 (white on Gradio's orange is 2.8:1), light and dark. */
+:root, .dark {
+  --button-primary-background-fill: #c2410c; --button-primary-background-fill-hover: #9a3412;
+  --button-primary-text-color: #ffffff; --button-primary-text-color-hover: #ffffff;
+  --button-cancel-background-fill: #b91c1c; --button-cancel-background-fill-hover: #991b1b;
+  --button-cancel-text-color: #ffffff; --button-cancel-text-color-hover: #ffffff;
+}
+/* A focus ring that shows where the keyboard is. */
+button:focus-visible, textarea:focus-visible, input:focus-visible, select:focus-visible,
+[role="radio"]:focus-visible, label:focus-within {
+  outline: 3px solid #2563eb !important; outline-offset: 2px;
+}
+#input-row { flex-wrap: nowrap !important; align-items: flex-end; }
+#input-row > * { min-width: 0 !important; }
+#conversations .wrap { flex-direction: column; align-items: stretch; }
+#conversations label { width: 100%; }
+/* A phone: the chat leaves room for the input, Send/Stop and the status line in the first screen. */
+@media (max-width: 640px) {
+  #chatbot { height: calc(100dvh - 300px) !important; min-height: 200px; }
+  #send, #stop { min-width: 56px !important; padding-left: 8px; padding-right: 8px; }
+  #actions { gap: 4px; }
+  #actions button { min-width: 0 !important; flex: 1 1 auto; }
+}
 """
+# Esc stops a reply; ArrowUp in an empty message box edits the last message you sent; the
+# status line is announced to screen readers. Runs once when the page loads.
+JS = """
+() => {
+  const status = () => document.querySelector('#status');
+  const mark = () => { const s = status(); if (s && !s.getAttribute('aria-live')) {
+    s.setAttribute('aria-live', 'polite'); s.setAttribute('role', 'status'); } };
+  mark(); new MutationObserver(mark).observe(document.body, {childList: true, subtree: true});
+  // On a phone the conversations list starts closed: the chat and its input come first.
+  if (window.innerWidth < 700) {
+    const close = () => { const t = document.querySelector('#sidebar button[aria-label="Toggle Sidebar"]');
+      if (!t) return setTimeout(close, 100);
+      if (document.querySelector('#sidebar.open, .sidebar.open')) t.click(); };
+    close();
+  }
+  document.addEventListener('keydown', (e) => {
+    if (e.key === 'Escape') { const stop = document.querySelector('#stop'); if (stop) stop.click(); }
+    if (e.key === 'ArrowUp' && e.target.closest && e.target.closest('#chat-input') && !e.target.value) {
+      const edits = document.querySelectorAll('#chatbot [data-testid="user"] ~ * button[aria-label="Edit"],'
+        + ' #chatbot button[aria-label="Edit"]');
+      if (edits.length) { e.preventDefault(); edits[edits.length - 1].click(); }
+    }
+  });
+}
+"""
+# Math only where it is meant: "$5 and $10" stays text; $$…$$, \\(…\\) and \\[…\\] render.
 LATEX = [
     {"left": "$$", "right": "$$", "display": True},
-    {"left": "$", "right": "$", "display": False},
     {"left": "\\(", "right": "\\)", "display": False},
     {"left": "\\[", "right": "\\]", "display": True},
 ]
 STORAGE_KEY = "confab-chat"
+EXAMPLES = [
+    {"text": "Explain what a context window is, in two sentences."},
+    {"text": "Write a haiku about a quiet server room."},
+    {"text": "Give me three names for a cat who likes to code."},
+]
 
 
 MODEL_WATCH_S = 5  # how often a page asks whether another user switched the model
 
 
 def build(handlers: Handlers, current_preset: str | None, concurrency: int = 1, secret: str | None = None) -> gr.Blocks:
-    """`secret` encrypts the chat each browser keeps; a stable one keeps chats across restarts."""
+    """`secret` encrypts the chats each browser keeps; a stable one keeps chats across restarts."""
     defaults = handlers.defaults()
     limits = handlers.limits
     # Gradio's own copies of uploads and exports are removed after an hour, checked hourly.
     with gr.Blocks(title="Confab", fill_height=True, delete_cache=(3600, 3600)) as demo:
-        saved = gr.BrowserState({"messages": [], "system": ""}, storage_key=STORAGE_KEY, secret=secret)
+        saved = gr.BrowserState(browser_value(empty_book()), storage_key=STORAGE_KEY, secret=secret)
+        book = gr.State(empty_book())  # this session's conversations (server side; see ui/conversations.py)
         seen_version = gr.State(handlers.manager.version)
+        side = _sidebar()
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 chat = _chat_column(limits.message_chars)
@@ -52,35 +108,57 @@ def build(handlers: Handlers, current_preset: str | None, concurrency: int = 1, 
                 # Tools come from the loaded preset; the box lets a user turn them off.
                 use_tools = gr.Checkbox(value=True, elem_id="use-tools", **handlers.tools_label())
                 sampling_preset, sliders = _sampling_panel(handlers, defaults)
-        _wire(demo, handlers, chat, model, system, sampling_preset, [*sliders, use_tools], saved, concurrency)
+        _wire(demo, handlers, chat, model, system, sampling_preset, [*sliders, use_tools], saved, concurrency,
+              side, book)
+        _wire_conversations(handlers, chat, side, system, [*sliders, use_tools], saved, book)
         timer = gr.Timer(MODEL_WATCH_S)
         timer.tick(handlers.watch, seen_version, [seen_version, chat["status"], use_tools], api_visibility="private",
                    show_progress="hidden", concurrency_limit=None)
     return demo
 
 
+def _sidebar() -> dict[str, Any]:
+    s: dict[str, Any] = {}
+    with gr.Sidebar(label="Conversations", open=True, elem_id="sidebar"):
+        s["new"] = gr.Button("New chat", elem_id="new-chat", variant="primary", size="sm")
+        s["search"] = gr.Textbox(show_label=False, placeholder="Search titles", elem_id="search-chats", max_length=200)
+        s["list"] = gr.Radio(choices=[], value=None, show_label=False, elem_id="conversations",
+                             label="Conversations")
+        with gr.Accordion("This chat", open=False, elem_id="chat-menu"):
+            s["title"] = gr.Textbox(label="Title", placeholder="A new title", elem_id="chat-title", max_length=120)
+            s["rename"] = gr.Button("Rename", elem_id="rename-chat", size="sm")
+            s["delete"] = gr.Button("Delete…", elem_id="delete-chat", size="sm")
+            s["confirm"] = gr.Button("Delete it for good", elem_id="delete-confirm", variant="stop", size="sm",
+                                     visible=False)
+            s["export_all"] = gr.Button("Export all chats", elem_id="export-all", size="sm")
+    return s
+
+
 def _chat_column(max_chars: int) -> dict[str, Any]:
     c: dict[str, Any] = {}
     c["chatbot"] = gr.Chatbot(
         elem_id="chatbot", label="Chat", height="65vh", editable="user",
-        buttons=["copy", "copy_all"], latex_delimiters=LATEX,
+        buttons=["copy", "copy_all"], latex_delimiters=LATEX, examples=EXAMPLES,
         placeholder="Ask anything. Replies stream from the model loaded on the right.",
     )
-    with gr.Row():
+    c["versions"] = gr.Dropdown(choices=[], value=None, label="Other versions in this chat", elem_id="versions",
+                                visible=False)
+    with gr.Row(elem_id="input-row"):
         c["input"] = gr.Textbox(
             elem_id="chat-input", show_label=False, scale=8, lines=1, max_lines=8, autofocus=True, max_length=max_chars,
-            placeholder="Message — Enter sends, Shift+Enter for a new line",
+            placeholder="Message — Enter sends, Shift+Enter for a new line, Esc stops",
         )
-        c["send"] = gr.Button("Send", elem_id="send", variant="primary", scale=1, min_width=80)
-        c["stop"] = gr.Button("Stop", elem_id="stop", variant="stop", scale=1, min_width=80)
-    with gr.Row():
+        c["send"] = gr.Button("Send", elem_id="send", variant="primary", scale=1, min_width=64)
+        c["stop"] = gr.Button("Stop", elem_id="stop", variant="stop", scale=1, min_width=64)
+    c["status"] = gr.Markdown(elem_id="status")
+    with gr.Row(elem_id="actions"):
+        c["continue"] = gr.Button("Continue", elem_id="continue", size="sm", visible=False)
         c["regenerate"] = gr.Button("Regenerate", elem_id="regenerate", size="sm")
         c["undo"] = gr.Button("Undo", elem_id="undo", size="sm")
         c["clear"] = gr.Button("Clear", elem_id="clear", size="sm")
         c["export"] = gr.Button("Export JSON", elem_id="export", size="sm")
         c["import"] = gr.UploadButton("Import JSON", elem_id="import", size="sm", file_types=[".json"])
     c["export_file"] = gr.File(label="Exported chat", visible=False, elem_id="export-file")
-    c["status"] = gr.Markdown(elem_id="status")
     return c
 
 
@@ -133,11 +211,15 @@ def _sampling_panel(handlers: Handlers, defaults: GenerationParams) -> tuple[gr.
     return preset, sliders
 
 
-def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, controls, saved, concurrency: int) -> None:
+def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, controls, saved, concurrency: int,
+          side=None, book=None) -> None:
     """`controls` is the sampling sliders (PARAM_FIELDS order) and then the "Use tools" box."""
     h = handlers
     sliders, use_tools = controls[:-1], controls[-1]
-    reply_out = [c["input"], c["chatbot"], c["status"], saved]
+    view = [c["chatbot"], side["list"], c["versions"], c["continue"]]
+    # The browser's copy is written after each reply by its own event: a streamed output is sent as
+    # diffs, which Gradio's BrowserState did not keep (measured: the second chat was lost on reload).
+    reply_out = [c["input"], c["chatbot"], c["status"], book, *view[1:]]
     # "multiple": a second Send while a reply streams reaches the server, which says why it waits,
     # instead of being dropped by the page without a word.
     # preprocess=False: handlers take the raw chat and controls and check them themselves, with
@@ -146,33 +228,40 @@ def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, controls, sav
     raw = dict(preprocess=False)
     reply_opts = dict(concurrency_limit=concurrency, concurrency_id="reply", show_progress="minimal",
                       trigger_mode="multiple", **raw)
-    send_args = dict(fn=h.respond, inputs=[c["input"], c["chatbot"], system, *controls], outputs=reply_out)
+    send_args = dict(fn=h.respond, inputs=[c["input"], c["chatbot"], system, *controls, book], outputs=reply_out)
     replies = [
         c["input"].submit(**send_args, api_name="respond", **reply_opts),
         c["send"].click(**send_args, api_visibility="private", **reply_opts),
     ]
-    regen_args = dict(fn=h.regenerate, inputs=[c["chatbot"], system, *controls], outputs=reply_out)
+    again = [c["chatbot"], system, book, *controls]
+    regen_args = dict(fn=h.regenerate, inputs=again, outputs=reply_out)
     replies += [
         c["regenerate"].click(**regen_args, api_name="regenerate", **reply_opts),
         c["chatbot"].retry(**regen_args, api_visibility="private", **reply_opts),
-        c["chatbot"].edit(h.edit, [c["chatbot"], system, *controls], reply_out, api_visibility="private",
-                          **reply_opts),
+        c["chatbot"].edit(h.edit, again, reply_out, api_visibility="private", **reply_opts),
+        c["continue"].click(h.continue_reply, again, reply_out, api_name="continue", **reply_opts),
     ]
+    for event in replies:
+        event.then(h.keep, [book], saved, api_visibility="private", show_progress="hidden")
     # Stop cancels the session's reply on the server, which ends it as stopped (no error) and
     # hands back the chat. Gradio's own cancel is only the backstop, for a reply that did not end
     # in time (stop() then fails): sent every time, it raced the stopped reply's last update.
     c["stop"].click(h.stop, None, None, api_visibility="private", concurrency_limit=None,
                     concurrency_id="stop").failure(None, cancels=replies, api_visibility="private")
-    undo_args = dict(fn=h.undo, inputs=[c["chatbot"], system], outputs=[c["input"], c["chatbot"], saved], **raw)
+    edit_out = [c["input"], c["chatbot"], saved, book, *view[1:]]
+    undo_args = dict(fn=h.undo, inputs=[c["chatbot"], system, book], outputs=edit_out, **raw)
     c["undo"].click(**undo_args, api_name="undo")
     c["chatbot"].undo(**undo_args, api_visibility="private")
-    c["clear"].click(h.clear, [system], [c["input"], c["chatbot"], saved], api_name="clear", **raw)
-    c["chatbot"].clear(h.clear, [system], [c["input"], c["chatbot"], saved], api_visibility="private", **raw)
-    system.blur(h.save, [c["chatbot"], system], saved, api_visibility="private", **raw)
+    c["clear"].click(h.clear, [system, book], edit_out, api_name="clear", **raw)
+    c["chatbot"].clear(h.clear, [system, book], edit_out, api_visibility="private", **raw)
+    c["chatbot"].example_select(lambda data: data.value.get("text", ""), None, c["input"], api_visibility="private")
+    system.blur(h.save, [c["chatbot"], system, book], [saved, book], api_visibility="private", **raw)
     c["export"].click(h.export_chat, [c["chatbot"], system], c["export_file"], api_name="export", **raw).then(
         lambda: gr.File(visible=True), None, c["export_file"], api_visibility="private"
     )
-    c["import"].upload(h.import_chat, c["import"], [c["chatbot"], system, saved], api_name="import")
+    settings = [*sliders, use_tools]
+    c["import"].upload(h.import_chat, [c["import"], book], [book, *view[:1], system, *view[1:], *settings, saved],
+                       api_name="import")
     model_opts = dict(concurrency_limit=1, concurrency_id="model")
     # The status line is refreshed after a load either way: a failed load may have put the old model back.
     m["load"].click(h.load_model, [m["model"], m["custom"], m["backend"]], [c["status"], *controls],
@@ -186,8 +275,25 @@ def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, controls, sav
                        api_visibility="private")
     sampling_preset.change(h.apply_sampling_preset, sampling_preset, sliders, api_visibility="private")
     panel = [m["model"], m["custom"], m["cached"], m["backend"], m["load"], m["unload"], m["note"]]
-    demo.load(h.restore, saved, [c["chatbot"], system], api_visibility="private").then(
+    demo.load(h.restore, saved, [book, c["chatbot"], system, *view[1:], *settings], api_visibility="private").then(
         h.status, None, c["status"], api_visibility="private"
     ).then(h.model_panel, None, panel, api_visibility="private").then(
         h.cached_models, None, m["cached"], api_visibility="private"
     ).then(h.tools_box, None, use_tools, api_visibility="private")
+
+
+def _wire_conversations(h: Handlers, c, side, system, settings, saved, book) -> None:
+    """The sidebar: new, switch, search, rename, delete, export all; and the versions of a turn."""
+    view = [book, c["chatbot"], system, side["list"], c["versions"], c["continue"]]
+    private = dict(api_visibility="private")
+    side["new"].click(h.new_chat, [book], [*view, saved], **private)
+    side["list"].input(h.switch_chat, [book, side["list"], side["search"]], [*view, *settings, saved], **private)
+    side["search"].change(h.search, [book, side["search"]], side["list"], show_progress="hidden", **private)
+    side["rename"].click(h.rename_chat, [book, side["title"], side["search"]], [book, side["list"], saved], **private)
+    side["delete"].click(lambda: gr.update(visible=True), None, side["confirm"], **private)
+    side["confirm"].click(h.delete_chat, [book, side["search"]], [*view, saved], **private).then(
+        lambda: gr.update(visible=False), None, side["confirm"], **private)
+    side["export_all"].click(h.export_all, [book], c["export_file"], **private).then(
+        lambda: gr.File(visible=True), None, c["export_file"], **private)
+    c["versions"].input(h.pick_version, [book, c["versions"]], [*view, saved], **private)
+    c["chatbot"].option_select(h.step_version, [book], [*view, saved], **private)

@@ -35,6 +35,22 @@ class Limits:
     message_chars: int = 100_000  # --max-message-chars
     messages: int = 1_000  # --max-messages
     max_new_tokens: int = 4_096  # --max-new-tokens
+    conversations: int = 200  # --max-conversations: kept per browser or per login
+    # Attachments (chat/attachments.py reads these fields): a file before it is read, one picture
+    # as sent and as decoded, and pictures per conversation (each costs hundreds of tokens).
+    file_bytes: int = 8 * 1024 * 1024  # --max-file-bytes
+    image_bytes: int = 8 * 1024 * 1024  # --max-image-bytes
+    image_pixels: int = 20_000_000  # --max-image-pixels
+    images: int = 16  # --max-images
+
+    def check_conversations(self, n: int) -> None:
+        """How many conversations one person keeps (a new one past the limit is refused, so an
+        old one is never dropped without a word)."""
+        if n > self.conversations:
+            raise TooLarge(
+                f"You have {n - 1:,} conversations; this server keeps at most {self.conversations:,} per person "
+                "(--max-conversations). Delete or export some, then start a new one."
+            )
 
     def check_count(self, n: int) -> None:
         """How many messages one conversation holds (checked before any work is done on them)."""

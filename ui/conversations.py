@@ -1,0 +1,299 @@
+"""The conversations side of the page: the list, new / switch / rename / delete / search, the
+versions of a turn, and where conversations are kept.
+
+Each session holds its conversations in a `book` (server-side session state): {"current": id,
+"convs": {id: conversation}} (chat/conversations.py). Anonymous people keep the book in their
+browser (localStorage through gr.BrowserState, written when a chat changes); logins keep it on
+the server in SQLite (web/store.py), so it follows them to any browser. What comes back from a
+browser or a file is checked like any input. A base of Handlers; knows Gradio, not engines.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from backends.base import BackendError, ParamError
+from chat import conversations as cv
+from web.policy import Limits
+from web.store import ConversationStore
+
+from .chat import PARAM_FIELDS, clean_history, export_json, import_json
+
+log = logging.getLogger(__name__)
+SETTINGS = (*PARAM_FIELDS, "use_tools")  # what each conversation remembers of the controls
+BROWSER_VERSION = 2
+OPTION_PREV, OPTION_NEXT, OPTION_COUNT = "version:prev", "version:next", "version:count"
+
+
+def empty_book() -> dict[str, Any]:
+    return {"current": None, "convs": {}}
+
+
+def login(request: gr.Request | None) -> str | None:
+    """The login whose conversations live on the server (None: they live in the browser)."""
+    return getattr(request, "username", None) or None
+
+
+class ConversationPanel:
+    limits: Limits
+    store: ConversationStore
+
+    # ---- the book ---------------------------------------------------------------------------
+    def current(self, book: dict[str, Any], system: str = "", settings: dict | None = None) -> dict[str, Any]:
+        """The conversation on screen, made when there is none (the first message of a session)."""
+        conv = book["convs"].get(book.get("current"))
+        if conv is None:
+            _check(lambda: self.limits.check_conversations(len(book["convs"]) + 1))
+            conv = cv.new(system, settings)
+            book["convs"][conv["id"]] = conv
+            book["current"] = conv["id"]
+        return conv
+
+    def persist(self, book: dict[str, Any], request: gr.Request | None, conv: dict[str, Any] | None = None) -> Any:
+        """Keep a change: a login's conversation is written to the server now (the browser gets
+        nothing); anyone else's book goes back to their browser (the returned value)."""
+        user = login(request)
+        if user is None:
+            return browser_value(book)
+        if conv is not None and cv.size(conv):
+            try:
+                self.store.save(user, conv)
+            except Exception:  # noqa: BLE001 - a full disk must not end the reply; the log says why
+                log.exception("could not save a conversation of %s", user)
+                gr.Warning("This conversation could not be saved on the server; export it to keep it.")
+        return gr.skip()
+
+    def open_book(self, saved: Any, request: gr.Request | None) -> dict[str, Any]:
+        """A page's conversations: from the server for a login, else from its browser (checked)."""
+        user = login(request)
+        raw = self.store.load(user) if user is not None else _browser_convs(saved)
+        book = empty_book()
+        for data in raw[: self.limits.conversations]:
+            try:
+                conv = cv.from_data(data, clean_history, self.limits.messages)
+            except ParamError:
+                continue
+            book["convs"][conv["id"]] = conv
+        first = cv.newest_first(book["convs"].values())
+        current = saved.get("current") if isinstance(saved, dict) and user is None else None
+        book["current"] = current if current in book["convs"] else (first[0]["id"] if first else None)
+        return book
+
+    # ---- what the page shows ----------------------------------------------------------------
+    def view(self, book: dict[str, Any], query: str = "") -> tuple:
+        """(book, chat, system prompt, list, versions, continue) for the conversation on screen."""
+        conv = book["convs"].get(book.get("current"))
+        if conv is None:
+            return book, [], "", self.listing(book, query), gr.update(choices=[], value=None, visible=False), \
+                gr.update(visible=False)
+        return book, shown(conv), conv["system"], self.listing(book, query), versions_menu(conv), \
+            gr.update(visible=_cut_off(conv))
+
+    def listing(self, book: dict[str, Any], query: str = "") -> Any:
+        query = (query or "").strip().lower()
+        convs = [c for c in cv.newest_first(book["convs"].values()) if query in c["title"].lower()]
+        shown_ids = {c["id"] for c in convs}
+        value = book.get("current") if book.get("current") in shown_ids else None
+        return gr.update(choices=[(c["title"], c["id"]) for c in convs], value=value)
+
+    def settings_of(self, book: dict[str, Any]) -> list[Any]:
+        """The controls as the conversation on screen left them (unchanged where it set none)."""
+        conv = book["convs"].get(book.get("current"))
+        saved = conv["settings"] if conv else {}
+        return [saved[k] if k in saved else gr.skip() for k in SETTINGS]
+
+    # ---- events -------------------------------------------------------------------------------
+    def restore(self, saved: Any, request: gr.Request = None):
+        """Page load: the conversations this browser or login kept."""
+        book = self.open_book(saved, request)
+        return (*self.view(book), *self.settings_of(book))
+
+    def new_chat(self, book: Any, request: gr.Request = None):
+        self._settled(request, [])
+        book = as_book(book)
+        conv = book["convs"].get(book.get("current"))
+        if conv is not None and not cv.size(conv):
+            return (*self.view(book), gr.skip())  # already on an empty chat
+        _check(lambda: self.limits.check_conversations(len(book["convs"]) + 1))
+        conv = cv.new(conv["system"] if conv else "", conv["settings"] if conv else None)
+        book["convs"][conv["id"]] = conv
+        book["current"] = conv["id"]
+        return (*self.view(book), self.persist(book, request))
+
+    def switch_chat(self, book: Any, conv_id: Any, query: str = "", request: gr.Request = None):
+        if not isinstance(book, dict) or conv_id not in book.get("convs", {}) or conv_id == book.get("current"):
+            return (*[gr.skip()] * 6, *[gr.skip()] * len(SETTINGS), gr.skip())
+        self._settled(request, [])  # a reply streaming into the old chat stops first
+        book["current"] = conv_id
+        return (*self.view(book, query), *self.settings_of(book), self.persist(book, request))
+
+    def rename_chat(self, book: Any, title: Any, query: str = "", request: gr.Request = None):
+        conv = book["convs"].get(book.get("current")) if isinstance(book, dict) else None
+        if conv is None:
+            raise gr.Error("There is no chat to rename yet: send a message first.", print_exception=False)
+        _check(lambda: cv.rename(conv, title if isinstance(title, str) else ""))
+        return book, self.listing(book, query), self.persist(book, request, conv)
+
+    def delete_chat(self, book: Any, query: str = "", request: gr.Request = None):
+        self._settled(request, [])
+        conv = book["convs"].pop(book.get("current"), None) if isinstance(book, dict) else None
+        if conv is None:
+            return (*[gr.skip()] * 6, gr.skip())
+        if login(request) is not None:
+            self.store.delete(login(request), conv["id"])
+        rest = cv.newest_first(book["convs"].values())
+        book["current"] = rest[0]["id"] if rest else None
+        gr.Info(f"Deleted “{conv['title']}”.")
+        return (*self.view(book, query), self.persist(book, request))
+
+    def search(self, book: Any, query: Any):
+        book = as_book(book)
+        return self.listing(book, query if isinstance(query, str) else "")
+
+    def pick_version(self, book: Any, choice: Any, request: gr.Request = None):
+        """The versions menu: show another version of a turn (and what followed it)."""
+        conv = book["convs"].get(book.get("current")) if isinstance(book, dict) else None
+        if conv is None or not isinstance(choice, str) or choice not in conv["nodes"]:
+            return (*[gr.skip()] * 6, gr.skip())
+        self._settled(request, [])
+        cv.show(conv, choice)
+        return (*self.view(book), self.persist(book, request, conv))
+
+    def step_version(self, book: Any, data: gr.SelectData, request: gr.Request = None):
+        """‹ › under the last reply: its previous or next version."""
+        conv = book["convs"].get(book.get("current")) if isinstance(book, dict) else None
+        step = {OPTION_PREV: -1, OPTION_NEXT: 1}.get(getattr(data, "value", None))
+        if conv is None or step is None or conv["end"] == cv.ROOT:
+            return (*[gr.skip()] * 6, gr.skip())
+        self._settled(request, [])
+        if not cv.switch(conv, cv.path(conv)[-1], step):
+            return (*[gr.skip()] * 6, gr.skip())
+        return (*self.view(book), self.persist(book, request, conv))
+
+    # ---- files --------------------------------------------------------------------------------
+    def export_all(self, book: Any) -> str:
+        convs = cv.newest_first(book["convs"].values()) if isinstance(book, dict) else []
+        if not convs:
+            raise gr.Error("There are no conversations to export yet.", print_exception=False)
+        data = {"confab": BROWSER_VERSION, "conversations": convs}
+        name = f"confab-chats-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        return str(self.state.export(name, json.dumps(data, ensure_ascii=False, indent=1)))
+
+    def export_one(self, book: Any) -> str:
+        conv = book["convs"].get(book.get("current")) if isinstance(book, dict) else None
+        if conv is None or not cv.size(conv):
+            raise gr.Error("This chat is empty: there is nothing to export.", print_exception=False)
+        name = f"confab-chat-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        return str(self.state.export(name, export_json(cv.messages(conv), conv["system"])))
+
+    def import_file(self, book: Any, file: str | None, request: gr.Request = None):
+        """A file of messages (one chat) or of conversations (an "export all") becomes new
+        conversations beside the others; nothing is overwritten."""
+        self._settled(request, [])
+        if not file:
+            raise gr.Error("Choose a .json file to import.", print_exception=False)
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise gr.Error(f"Could not read that file ({e}). Import a UTF-8 .json file.", print_exception=False) from e
+        book = as_book(book)
+        convs = _check(lambda: self._read_import(text))
+        _check(lambda: self.limits.check_conversations(len(book["convs"]) + len(convs)))
+        for conv in convs:
+            book["convs"][conv["id"]] = conv
+            cv.touch(conv)
+            self.persist(book, request, conv)
+        book["current"] = convs[-1]["id"]
+        gr.Info(f"Imported {len(convs)} conversation{'s' if len(convs) != 1 else ''}.")
+        return (*self.view(book), *self.settings_of(book), self.persist(book, request))
+
+    def _read_import(self, text: str) -> list[dict[str, Any]]:
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("conversations"), list):
+            convs = []
+            for item in data["conversations"][: self.limits.conversations]:
+                conv = cv.from_data(item, clean_history, self.limits.messages)
+                conv["id"] = cv.new()["id"]  # an import is a copy: never the id of one kept here
+                convs.append(conv)
+            if not convs:
+                raise ParamError("The file's conversations list is empty.")
+            return convs
+        history, system = import_json(text, self.limits)  # says what is wrong with a bad file
+        return [cv.from_history(history, system)]
+
+
+def shown(conv: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chat on screen, the last reply carrying ‹ n/m › when it has other versions."""
+    chat = cv.messages(conv)
+    path = cv.path(conv)
+    if chat and path and conv["nodes"][path[-1]]["role"] == "assistant":
+        n, of = cv.versions(conv, path[-1])
+        if of > 1:
+            chat[-1] = {**chat[-1], "options": [
+                {"value": OPTION_PREV, "label": "‹"}, {"value": OPTION_COUNT, "label": f"{n} / {of}"},
+                {"value": OPTION_NEXT, "label": "›"}]}
+    return chat
+
+
+def versions_menu(conv: dict[str, Any]) -> Any:
+    """Every version of every turn on screen that has others, to go to one of them."""
+    choices = []
+    for nid, index, _n, of in cv.forks(conv):
+        parent = conv["nodes"][conv["nodes"][nid]["parent"]]
+        for i, sibling in enumerate(parent["children"], 1):
+            node = conv["nodes"][sibling]
+            who = "your message" if node["role"] == "user" else "reply"
+            text = " ".join(str(node["messages"][-1].get("content") or "").split())[:40]
+            choices.append((f"Message {index + 1} ({who}), version {i} of {of}: {text}", sibling))
+    on_path = set(cv.path(conv))
+    value = next((v for _, v in choices if v in on_path), None)
+    return gr.update(choices=choices, value=value, visible=bool(choices))
+
+
+def _cut_off(conv: dict[str, Any]) -> bool:
+    path = cv.path(conv)
+    return bool(path) and conv["nodes"][path[-1]].get("finish") == "length"
+
+
+def as_book(book: Any) -> dict[str, Any]:
+    """A session's book, or a new one (an API client's first call has none)."""
+    if isinstance(book, dict) and isinstance(book.get("convs"), dict):
+        return book
+    return empty_book()
+
+
+def browser_value(book: dict[str, Any]) -> dict[str, Any]:
+    """What the browser keeps: a copy, not the live conversations (Gradio diffs a streamed output
+    against the value it last sent, so a value changed in place afterwards would look unchanged)."""
+    return copy.deepcopy({"v": BROWSER_VERSION, "current": book.get("current"),
+                          "conversations": cv.newest_first(book["convs"].values())})
+
+
+def _browser_convs(saved: Any) -> list[Any]:
+    """The conversations a browser kept; a chat saved before there were many becomes one."""
+    if not isinstance(saved, dict):
+        return []
+    if isinstance(saved.get("conversations"), list):
+        return saved["conversations"]
+    history = clean_history(saved.get("messages"))
+    if not history:
+        return []
+    system = saved.get("system") if isinstance(saved.get("system"), str) else ""
+    return [cv.from_history(history, system)]
+
+
+def _check(fn):
+    try:
+        return fn()
+    except BackendError as e:
+        raise gr.Error(str(e), print_exception=False) from e
