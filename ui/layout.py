@@ -254,7 +254,7 @@ def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, controls, sav
     c["chatbot"].undo(**undo_args, api_visibility="private")
     c["clear"].click(h.clear, [system, book], edit_out, api_name="clear", **raw)
     c["chatbot"].clear(h.clear, [system, book], edit_out, api_visibility="private", **raw)
-    c["chatbot"].example_select(lambda data: data.value.get("text", ""), None, c["input"], api_visibility="private")
+    c["chatbot"].example_select(_example_text, None, c["input"], api_visibility="private")
     system.blur(h.save, [c["chatbot"], system, book], [saved, book], api_visibility="private", **raw)
     c["export"].click(h.export_chat, [c["chatbot"], system], c["export_file"], api_name="export", **raw).then(
         lambda: gr.File(visible=True), None, c["export_file"], api_visibility="private"
@@ -280,6 +280,12 @@ def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, controls, sav
     ).then(h.model_panel, None, panel, api_visibility="private").then(
         h.cached_models, None, m["cached"], api_visibility="private"
     ).then(h.tools_box, None, use_tools, api_visibility="private")
+
+
+def _example_text(data: gr.SelectData) -> str:
+    """An example prompt clicked on an empty chat goes into the message box, to send or change."""
+    value = data.value if isinstance(data.value, dict) else {}
+    return str(value.get("text", ""))
 
 
 def _wire_conversations(h: Handlers, c, side, system, settings, saved, book) -> None:
