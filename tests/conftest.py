@@ -3,6 +3,7 @@ and a launched Confab app on a free port."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -194,15 +195,54 @@ def hf_spec(folder, **kw):
     return ModelSpec(name="tiny", backend="transformers", model=str(folder), device="cpu", **kw)
 
 
+@contextlib.contextmanager
+def loaded_backend(spec):
+    """A backend with `spec` loaded, unloaded after."""
+    from backends import create
+
+    backend = create(spec)
+    backend.load(spec)
+    try:
+        yield backend
+    finally:
+        backend.unload()
+
+
+@contextlib.contextmanager
+def loaded(spec):
+    """A ModelManager with `spec` loaded, unloaded after."""
+    from backends.manager import ModelManager
+
+    manager = ModelManager()
+    manager.load(spec)
+    try:
+        yield manager
+    finally:
+        manager.unload()
+
+
 @pytest.fixture(scope="module")
 def hf(tiny_model_dir):
     """The transformers backend on the tiny Llama built in the test run."""
-    from backends import create
+    with loaded_backend(hf_spec(tiny_model_dir)) as backend:
+        yield backend
 
-    backend = create(hf_spec(tiny_model_dir))
-    backend.load(hf_spec(tiny_model_dir))
-    yield backend
-    backend.unload()
+
+@pytest.fixture
+def fake():
+    """The manager on a named fake engine that streams a script (tests/fakes.py), for testing the
+    layers above the engine."""
+    import fakes  # noqa: F401 - registers the fake-script-engine backend
+    from backends.base import ModelSpec
+
+    with loaded(ModelSpec(name="fake", backend="fake-script-engine", model="x")) as manager:
+        yield manager
+
+
+def embedded_spec():
+    from backends.base import ModelSpec
+
+    return ModelSpec(name="embedded", backend="llamacpp", model="embedded", n_ctx=4096)
 
 
 def saved_chat(saved: dict) -> tuple[list[dict], str]:

@@ -11,10 +11,9 @@ import zlib
 import pytest
 
 from backends.base import ImageData, Message, ParamError
-from backends.manager import ModelManager
 from chat.attachments import (AttachLimits, AttachmentError, FileText, image_from_data_url, read_attachment,
                               read_attachments, read_image, user_message, wrap)
-from conftest import hf_spec
+from conftest import hf_spec, loaded
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,10 +43,8 @@ def make_pdf(pages: list[str | bytes]) -> bytes:
 @pytest.fixture(scope="module")
 def manager(tiny_model_dir):
     """The tiny Llama (a 512-token context) loaded, for its tokenizer."""
-    manager = ModelManager()
-    manager.load(hf_spec(tiny_model_dir))
-    yield manager
-    manager.unload()
+    with loaded(hf_spec(tiny_model_dir)) as manager:
+        yield manager
 
 
 def write(tmp_path, name, data):

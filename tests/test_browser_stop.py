@@ -73,8 +73,6 @@ def test_clear_and_import_during_a_stream_are_not_undone(page, tmp_path):
     assert page.evaluate(ERRORS_JS) == 0
 
 
-@pytest.mark.xfail(reason="known regression since conversations (157eb4d): an Import pressed while a reply streams "
-                   "does not show the imported chat; to fix first next session", strict=False)
 def test_import_during_a_stream_is_not_undone(page, tmp_path):
     chat = tmp_path / "chat.json"
     chat.write_text(json.dumps([{"role": "user", "content": "Imported question"},

@@ -4,22 +4,12 @@ whose prefix cache must reuse the earlier prompt and reply."""
 
 import pytest
 
-from backends.base import GenerationParams, Message, ModelSpec
-from backends.manager import ModelManager
+from backends.base import GenerationParams, Message
 from chat.tools import Toolset, ToolStep, load_tools_dir
-from conftest import ROOT
-from fakes import FakeScriptBackend  # noqa: F401 - registers the fake-script-engine backend
+from conftest import ROOT, embedded_spec, loaded
 
 pytestmark = pytest.mark.timeout(180)
 QUESTION = [Message("user", "Write a short poem about the sea.")]
-
-
-@pytest.fixture
-def fake():
-    manager = ModelManager()
-    manager.load(ModelSpec(name="fake", backend="fake-script-engine", model="x"))
-    yield manager
-    manager.unload()
 
 
 def test_a_continued_reply_gives_new_text_and_a_turn_that_replaces_the_message(fake):
@@ -58,10 +48,8 @@ def test_transformers_continues_the_message_without_closing_it(hf):
 
 @pytest.fixture(scope="module")
 def embedded(llama_backend):
-    manager = ModelManager()
-    manager.load(ModelSpec(name="embedded", backend="llamacpp", model="embedded", n_ctx=4096))
-    yield manager
-    manager.unload()
+    with loaded(embedded_spec()) as manager:
+        yield manager
 
 
 def test_llamacpp_continues_a_cut_off_reply_from_its_cache(embedded):

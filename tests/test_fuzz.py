@@ -83,10 +83,10 @@ def test_malformed_api_requests_get_4xx_with_a_message(app):
 
 
 # ---- the page's events, as Gradio's wire protocol carries them --------------------------------
-def page_event(client: httpx.Client, fn_index: int, data: list) -> dict:
+def page_event(client: httpx.Client, fn_index: int, data: list, event_data: object = None) -> dict:
     """Join an event and read its stream until it completes: the completion message."""
     session = uuid.uuid4().hex
-    body = json.dumps({"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None,
+    body = json.dumps({"data": data, "fn_index": fn_index, "session_hash": session, "event_data": event_data,
                        "trigger_id": None})  # ASCII: lone surrogates travel as \ud800 escapes, as a browser sends them
     join = client.post("/gradio_api/queue/join", content=body, headers={"content-type": "application/json"})
     if join.status_code != 200:
@@ -105,7 +105,9 @@ def test_malformed_page_payloads_get_a_message(app):
         config = client.get("/config").json()
         fn = {d.get("api_name"): (d["id"], len(d["inputs"])) for d in config["dependencies"] if d.get("api_name")}
         respond, n_inputs = fn["respond"]
-        good = ["Say hi.", [], "", 0.2, 0.9, 40, 0.0, 4, 1.0, False, -1, "", True]
+        # The last input is the session's conversations (server-side state: what a request sends
+        # there is never read).
+        good = ["Say hi.", [], "", 0.2, 0.9, 40, 0.0, 4, 1.0, False, -1, "", True, None]
         assert len(good) == n_inputs
         variants = {
             0: [None, 5, [], {"a": 1}, "x" * 100_001, "\ud800 hi"],
@@ -121,19 +123,22 @@ def test_malformed_page_payloads_get_a_message(app):
         }
         cases = [(f"respond[{i}]={v!r:.30}", respond, [*good[:i], v, *good[i + 1:]])
                  for i, values in variants.items() for v in values]
-        for name in ("undo", "export", "regenerate"):
+        for name in ("undo", "export", "regenerate", "continue"):
             index, n = fn[name]
             for history in ("str", 5, [None], [{"role": "user", "content": 5}], [[{"deep": [[[]]]}]]):
-                cases.append((f"{name} history={history!r:.30}", index, [history, "", *good[3:3 + n - 2]][:n]))
+                data = {"undo": [history, "", None], "export": [history, ""]}.get(name, [history, "", None, *good[3:13]])
+                assert len(data) == n, name
+                cases.append((f"{name} history={history!r:.30}", index, data))
         index, n = fn["import"]
         for file in (None, "x", {"path": "/etc/passwd"}, {"path": "../../etc/passwd", "meta": {"_type": "gradio.FileData"}}):
-            cases.append((f"import {file!r:.40}", index, [file]))
+            cases.append((f"import {file!r:.40}", index, [file, None]))
+        cases += conversation_cases(config)
         index, n = fn["load"]
         for values in ([None, None, None], [5, [], {}], ["no-such-preset", "", "llamacpp"]):
             cases.append((f"load {values!r:.40}", index, values))
         outcomes = {"ok": 0, "refused": 0}
-        for label, index, data in cases:
-            done = page_event(client, index, data)
+        for label, index, data, *event_data in cases:
+            done = page_event(client, index, data, *event_data)
             assert "http" not in done or done["http"] < 500, (label, done)
             if done.get("success") is False:
                 message = done["output"].get("error")
@@ -145,3 +150,34 @@ def test_malformed_page_payloads_get_a_message(app):
         assert page_event(client, respond, good)["success"] is True
     print(f"\npage fuzz: {len(cases)} payloads, {outcomes}")
     assert len(cases) >= 50 and outcomes["refused"] >= len(cases) // 2
+
+
+def by_trigger(config: dict, elem_id: str, event: str) -> tuple[int, int]:
+    """(fn_index, number of inputs) of the event an element fires (private events have no api_name)."""
+    ids = {c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == elem_id}
+    for dep in config["dependencies"]:
+        if any(target[0] in ids and target[1] == event for target in dep["targets"]):
+            return dep["id"], len(dep["inputs"])
+    raise AssertionError(f"no {event} event on #{elem_id}")
+
+
+def conversation_cases(config: dict) -> list[tuple]:
+    """The sidebar's events, which take raw ids and titles from the page (the session's
+    conversations themselves are server-side state, so a request cannot send them)."""
+    junk = [None, 5, [], {}, ["a"], "nope", "root", "x" * 200_000, "\ud800"]
+    cases: list[tuple] = []
+    for elem_id, event, build in [
+        ("rename-chat", "click", lambda v: [None, v, v]),
+        ("conversations", "input", lambda v: [None, v, v]),
+        ("versions", "input", lambda v: [None, v]),
+        ("search-chats", "change", lambda v: [None, v]),
+        ("delete-confirm", "click", lambda v: [None, v]),
+        ("new-chat", "click", lambda v: [None]),
+    ]:
+        index, n = by_trigger(config, elem_id, event)
+        cases += [(f"#{elem_id} {event} {v!r:.30}", index, build(v)) for v in junk]
+        assert len(build(None)) == n, elem_id
+    index, _ = by_trigger(config, "chatbot", "option_select")
+    cases += [(f"option_select {v!r:.30}", index, [None], {"index": 0, "value": v}) for v in junk]
+    cases += [("option_select no value", index, [None], {"nothing": 1})]
+    return cases

@@ -15,7 +15,6 @@ from chat.reply import Text, Thinking
 from chat.thinking import ThinkSplitter, opens_thinking
 from chat.tools import Toolset, ToolStep, load_tools_dir
 from conftest import ROOT, hf_spec
-from fakes import FakeScriptBackend  # noqa: F401 - registers the fake-script-engine backend
 
 pytestmark = pytest.mark.timeout(180)
 HELLO = [Message("user", "hello there")]
@@ -78,14 +77,6 @@ def test_a_prompt_that_ends_inside_think_is_recognised():
 
 
 # ---- the Reply, over a fake engine -----------------------------------------------------------
-@pytest.fixture
-def fake():
-    manager = ModelManager()
-    manager.load(ModelSpec(name="fake", backend="fake-script-engine", model="x"))
-    yield manager
-    manager.unload()
-
-
 def test_reply_streams_thinking_apart_and_keeps_only_the_answer(fake):
     fake._backend.step_delay = 0.01
     reply = fake.reply(HELLO, GenerationParams())

@@ -12,6 +12,7 @@ from chat.formats import Hermes, Llama3, Pythonic, ToolCall, detect, parse_json_
 from chat.reply import Reply
 from chat.tools import Tool, Toolset, ToolStep, load_tools_dir, tool
 from ui.chat import clean_history, export_json, import_json, step_call, step_message, to_messages
+from conftest import embedded_spec, loaded
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = load_tools_dir(ROOT / "tools")
@@ -200,10 +201,8 @@ def test_tools_folder_loading(tmp_path):
 # ---- the loop on the real model ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def manager(llama_backend):
-    m = ModelManager()
-    m.load(ModelSpec(name="embedded", backend="llamacpp", model="embedded", n_ctx=4096))
-    yield m
-    m.unload()
+    with loaded(embedded_spec()) as m:
+        yield m
 
 
 class Spy:

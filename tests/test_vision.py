@@ -10,10 +10,9 @@ import threading
 
 import pytest
 
-from backends import create
 from backends.base import Cancel, GenerationParams, ImageData, Message, ParamError
 from backends.manager import ModelManager
-from conftest import CORPUS, hf_spec
+from conftest import CORPUS, hf_spec, loaded, loaded_backend
 
 pytestmark = pytest.mark.timeout(120)
 GREEDY = GenerationParams(max_new_tokens=6, do_sample=False, repetition_penalty=1.0)
@@ -80,10 +79,8 @@ def vlm_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vlm(vlm_dir):
-    backend = create(hf_spec(vlm_dir))
-    backend.load(hf_spec(vlm_dir))
-    yield backend
-    backend.unload()
+    with loaded_backend(hf_spec(vlm_dir)) as backend:
+        yield backend
 
 
 @pytest.fixture
@@ -216,10 +213,8 @@ def api_client(manager, **limits):
 
 @pytest.fixture(scope="module")
 def vlm_manager(vlm_dir):
-    manager = ModelManager()
-    manager.load(hf_spec(vlm_dir))
-    yield manager
-    manager.unload()
+    with loaded(hf_spec(vlm_dir)) as manager:
+        yield manager
 
 
 def with_image(url, text="what is this?"):

@@ -19,17 +19,20 @@ from typing import Any
 
 import gradio as gr
 
-from backends.base import BackendError, ParamError
+from backends.base import ParamError
 from chat import conversations as cv
 from web.policy import Limits
 from web.store import ConversationStore
 
-from .chat import PARAM_FIELDS, clean_history, export_json, import_json
+from .chat import PARAM_FIELDS, clean_history, import_json
+from .errors import checked, shown
 
 log = logging.getLogger(__name__)
 SETTINGS = (*PARAM_FIELDS, "use_tools")  # what each conversation remembers of the controls
 BROWSER_VERSION = 2
 OPTION_PREV, OPTION_NEXT, OPTION_COUNT = "version:prev", "version:next", "version:count"
+VIEW = 6  # the outputs of `view`: book, chat, system prompt, list, versions, continue
+UNCHANGED = (gr.skip(),) * (VIEW + 1)  # a view and the browser's copy, none of them changed
 
 
 def empty_book() -> dict[str, Any]:
@@ -50,7 +53,7 @@ class ConversationPanel:
         """The conversation on screen, made when there is none (the first message of a session)."""
         conv = book["convs"].get(book.get("current"))
         if conv is None:
-            _check(lambda: self.limits.check_conversations(len(book["convs"]) + 1))
+            checked(lambda: self.limits.check_conversations(len(book["convs"]) + 1))
             conv = cv.new(system, settings)
             book["convs"][conv["id"]] = conv
             book["current"] = conv["id"]
@@ -59,16 +62,22 @@ class ConversationPanel:
     def persist(self, book: dict[str, Any], request: gr.Request | None, conv: dict[str, Any] | None = None) -> Any:
         """Keep a change: a login's conversation is written to the server now (the browser gets
         nothing); anyone else's book goes back to their browser (the returned value)."""
-        user = login(request)
-        if user is None:
+        if login(request) is None:
             return browser_value(book)
-        if conv is not None and cv.size(conv):
-            try:
-                self.store.save(user, conv)
-            except Exception:  # noqa: BLE001 - a full disk must not end the reply; the log says why
-                log.exception("could not save a conversation of %s", user)
-                gr.Warning("This conversation could not be saved on the server; export it to keep it.")
+        if conv is not None:
+            self.save_for_login(request, conv)
         return gr.skip()
+
+    def save_for_login(self, request: gr.Request | None, conv: dict[str, Any]) -> None:
+        """A login's conversation, written to the server (an empty one waits for its first message)."""
+        user = login(request)
+        if user is None or not cv.size(conv):
+            return
+        try:
+            self.store.save(user, conv)
+        except Exception:  # noqa: BLE001 - a full disk must not end the reply; the log says why
+            log.exception("could not save a conversation of %s", user)
+            gr.Warning("This conversation could not be saved on the server; export it to keep it.")
 
     def open_book(self, saved: Any, request: gr.Request | None) -> dict[str, Any]:
         """A page's conversations: from the server for a login, else from its browser (checked)."""
@@ -93,7 +102,7 @@ class ConversationPanel:
         if conv is None:
             return book, [], "", self.listing(book, query), gr.update(choices=[], value=None, visible=False), \
                 gr.update(visible=False)
-        return book, shown(conv), conv["system"], self.listing(book, query), versions_menu(conv), \
+        return book, on_screen(conv), conv["system"], self.listing(book, query), versions_menu(conv), \
             gr.update(visible=_cut_off(conv))
 
     def listing(self, book: dict[str, Any], query: str = "") -> Any:
@@ -115,69 +124,82 @@ class ConversationPanel:
         book = self.open_book(saved, request)
         return (*self.view(book), *self.settings_of(book))
 
+    # Every event below takes raw values from the page (a crafted request can send anything): ids
+    # are looked up only when they are text, and errors come back as messages (`shown`).
+    @shown
     def new_chat(self, book: Any, request: gr.Request = None):
         self._settled(request, [])
         book = as_book(book)
         conv = book["convs"].get(book.get("current"))
         if conv is not None and not cv.size(conv):
             return (*self.view(book), gr.skip())  # already on an empty chat
-        _check(lambda: self.limits.check_conversations(len(book["convs"]) + 1))
+        checked(lambda: self.limits.check_conversations(len(book["convs"]) + 1))
         conv = cv.new(conv["system"] if conv else "", conv["settings"] if conv else None)
         book["convs"][conv["id"]] = conv
         book["current"] = conv["id"]
         return (*self.view(book), self.persist(book, request))
 
-    def switch_chat(self, book: Any, conv_id: Any, query: str = "", request: gr.Request = None):
-        if not isinstance(book, dict) or conv_id not in book.get("convs", {}) or conv_id == book.get("current"):
-            return (*[gr.skip()] * 6, *[gr.skip()] * len(SETTINGS), gr.skip())
+    @shown
+    def switch_chat(self, book: Any, conv_id: Any, query: Any = "", request: gr.Request = None):
+        book = as_book(book)
+        if not isinstance(conv_id, str) or conv_id not in book["convs"] or conv_id == book.get("current"):
+            return (*UNCHANGED[:VIEW], *(gr.skip(),) * len(SETTINGS), gr.skip())
         self._settled(request, [])  # a reply streaming into the old chat stops first
         book["current"] = conv_id
-        return (*self.view(book, query), *self.settings_of(book), self.persist(book, request))
+        return (*self.view(book, _query(query)), *self.settings_of(book), self.persist(book, request))
 
-    def rename_chat(self, book: Any, title: Any, query: str = "", request: gr.Request = None):
-        conv = book["convs"].get(book.get("current")) if isinstance(book, dict) else None
+    @shown
+    def rename_chat(self, book: Any, title: Any, query: Any = "", request: gr.Request = None):
+        book = as_book(book)
+        conv = book["convs"].get(book.get("current"))
         if conv is None:
             raise gr.Error("There is no chat to rename yet: send a message first.", print_exception=False)
-        _check(lambda: cv.rename(conv, title if isinstance(title, str) else ""))
-        return book, self.listing(book, query), self.persist(book, request, conv)
+        cv.rename(conv, title if isinstance(title, str) else "")
+        return book, self.listing(book, _query(query)), self.persist(book, request, conv)
 
-    def delete_chat(self, book: Any, query: str = "", request: gr.Request = None):
+    @shown
+    def delete_chat(self, book: Any, query: Any = "", request: gr.Request = None):
         self._settled(request, [])
-        conv = book["convs"].pop(book.get("current"), None) if isinstance(book, dict) else None
+        book = as_book(book)
+        conv = book["convs"].pop(book.get("current"), None)
         if conv is None:
-            return (*[gr.skip()] * 6, gr.skip())
+            return UNCHANGED
         if login(request) is not None:
             self.store.delete(login(request), conv["id"])
         rest = cv.newest_first(book["convs"].values())
         book["current"] = rest[0]["id"] if rest else None
         gr.Info(f"Deleted “{conv['title']}”.")
-        return (*self.view(book, query), self.persist(book, request))
+        return (*self.view(book, _query(query)), self.persist(book, request))
 
+    @shown
     def search(self, book: Any, query: Any):
-        book = as_book(book)
-        return self.listing(book, query if isinstance(query, str) else "")
+        return self.listing(as_book(book), _query(query))
 
+    @shown
     def pick_version(self, book: Any, choice: Any, request: gr.Request = None):
         """The versions menu: show another version of a turn (and what followed it)."""
-        conv = book["convs"].get(book.get("current")) if isinstance(book, dict) else None
-        if conv is None or not isinstance(choice, str) or choice not in conv["nodes"]:
-            return (*[gr.skip()] * 6, gr.skip())
+        conv = as_book(book)["convs"].get(as_book(book).get("current"))
+        if conv is None or not isinstance(choice, str) or choice not in conv["nodes"] or choice == cv.ROOT:
+            return UNCHANGED
         self._settled(request, [])
         cv.show(conv, choice)
         return (*self.view(book), self.persist(book, request, conv))
 
+    @shown
     def step_version(self, book: Any, data: gr.SelectData, request: gr.Request = None):
         """‹ › under the last reply: its previous or next version."""
-        conv = book["convs"].get(book.get("current")) if isinstance(book, dict) else None
-        step = {OPTION_PREV: -1, OPTION_NEXT: 1}.get(getattr(data, "value", None))
+        conv = as_book(book)["convs"].get(as_book(book).get("current"))
+        value = getattr(data, "value", None)
+        step = {OPTION_PREV: -1, OPTION_NEXT: 1}.get(value) if isinstance(value, str) else None
         if conv is None or step is None or conv["end"] == cv.ROOT:
-            return (*[gr.skip()] * 6, gr.skip())
+            return UNCHANGED
         self._settled(request, [])
         if not cv.switch(conv, cv.path(conv)[-1], step):
-            return (*[gr.skip()] * 6, gr.skip())
+            return UNCHANGED
         return (*self.view(book), self.persist(book, request, conv))
 
     # ---- files --------------------------------------------------------------------------------
+    @shown
     def export_all(self, book: Any) -> str:
         convs = cv.newest_first(book["convs"].values()) if isinstance(book, dict) else []
         if not convs:
@@ -185,13 +207,6 @@ class ConversationPanel:
         data = {"confab": BROWSER_VERSION, "conversations": convs}
         name = f"confab-chats-{time.strftime('%Y%m%d-%H%M%S')}.json"
         return str(self.state.export(name, json.dumps(data, ensure_ascii=False, indent=1)))
-
-    def export_one(self, book: Any) -> str:
-        conv = book["convs"].get(book.get("current")) if isinstance(book, dict) else None
-        if conv is None or not cv.size(conv):
-            raise gr.Error("This chat is empty: there is nothing to export.", print_exception=False)
-        name = f"confab-chat-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        return str(self.state.export(name, export_json(cv.messages(conv), conv["system"])))
 
     def import_file(self, book: Any, file: str | None, request: gr.Request = None):
         """A file of messages (one chat) or of conversations (an "export all") becomes new
@@ -204,8 +219,8 @@ class ConversationPanel:
         except (OSError, UnicodeDecodeError) as e:
             raise gr.Error(f"Could not read that file ({e}). Import a UTF-8 .json file.", print_exception=False) from e
         book = as_book(book)
-        convs = _check(lambda: self._read_import(text))
-        _check(lambda: self.limits.check_conversations(len(book["convs"]) + len(convs)))
+        convs = self._read_import(text)
+        self.limits.check_conversations(len(book["convs"]) + len(convs))
         for conv in convs:
             book["convs"][conv["id"]] = conv
             cv.touch(conv)
@@ -232,7 +247,7 @@ class ConversationPanel:
         return [cv.from_history(history, system)]
 
 
-def shown(conv: dict[str, Any]) -> list[dict[str, Any]]:
+def on_screen(conv: dict[str, Any]) -> list[dict[str, Any]]:
     """The chat on screen, the last reply carrying ‹ n/m › when it has other versions."""
     chat = cv.messages(conv)
     path = cv.path(conv)
@@ -292,8 +307,5 @@ def _browser_convs(saved: Any) -> list[Any]:
     return [cv.from_history(history, system)]
 
 
-def _check(fn):
-    try:
-        return fn()
-    except BackendError as e:
-        raise gr.Error(str(e), print_exception=False) from e
+def _query(value: Any) -> str:
+    return value if isinstance(value, str) else ""

@@ -4,17 +4,16 @@ Per-user state arrives as arguments (the chat, the system prompt, the sliders) a
 return values; the only per-user thing kept here is each session's reply in flight (one at a
 time), so that Stop, or any other action of that session, can cancel it directly. Every request is held to the server's limits here; the model panel's handlers,
 which only operators may use, are in ui/models.py (a base of Handlers). `BackendError` becomes
-`gr.Error` in `_shown` and `_reply`; operators also see its detail.
+`gr.Error` in `ui.errors.shown` and `_reply`; operators also see its detail.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import gradio as gr
 
@@ -39,8 +38,10 @@ from .chat import (
     thinking_message,
     text_input,
     to_messages,
+    unmark,
 )
-from .conversations import SETTINGS, ConversationPanel, as_book, login, shown, versions_menu
+from .conversations import SETTINGS, ConversationPanel, as_book, login, on_screen, versions_menu
+from .errors import checked, shown
 from .models import ModelPanel
 
 log = logging.getLogger(__name__)
@@ -49,24 +50,6 @@ FRAME_S = 0.04  # shortest time between two streamed updates of the page (25 per
 SETTLE_S = 2.0  # how long an action waits for the reply it stopped to hand back its chat
 STOP_WAIT_S = 0.25  # how long a Stop waits for a reply its Send has not begun (both are queued: ms apart)
 CHECKPOINT_S = 2.0  # a login's reply is written to the server this often while it streams
-
-
-def _shown(fn: Callable) -> Callable:
-    """Turn errors into messages in the page; the server keeps serving."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except BackendError as e:
-            raise gr.Error(str(e), print_exception=False) from e
-        except gr.Error:
-            raise
-        except Exception as e:  # noqa: BLE001 - a bug must not look like a crash to the user
-            log.exception("handler %s failed", fn.__name__)
-            raise gr.Error(f"Something went wrong ({type(e).__name__}: {e}). The server is still running.") from e
-
-    return wrapper
 
 
 class Handlers(ConversationPanel, ModelPanel):
@@ -223,6 +206,8 @@ class Handlers(ConversationPanel, ModelPanel):
         reply is a new version in the conversation's tree (or, continuing, the same one, longer)."""
         owner = _owner(request)
         conv = self.current(target.book, system_prompt)
+        # Every version counts against --max-messages: a conversation must load back whole.
+        checked(lambda: self.limits.check_count(cv.size(conv) + 2))
         conv["system"], conv["settings"] = system_prompt, dict(zip(SETTINGS, target.values))
         cv.follow(conv, history)
         if continuing:
@@ -254,13 +239,12 @@ class Handlers(ConversationPanel, ModelPanel):
         """Stream into a new assistant message (or the last one, continuing); each tool call
         becomes a collapsible step. Yields REPLY_OUTPUTS values."""
         reply, conv, shown_ = live.reply, live.conv, live.shown
-        if continuing:
-            message = shown_[-1] = dict(shown_[-1])
+        if continuing:  # the cut-off message grows (a crafted Continue of a stopped one loses its mark)
+            message = shown_[-1] = {**shown_[-1], "content": unmark(shown_[-1]["content"])}
         else:
             message = {"role": "assistant", "content": ""}
             shown_.append(message)
-        if login(request) is not None:
-            self.persist(book, request, conv)  # the question is kept before the reply begins
+        self.save_for_login(request, conv)  # the question is kept before the reply begins
         yield ("" if clear_input else gr.skip()), shown_, "Thinking…", book, self.listing(book), gr.skip(), \
             gr.update(visible=False)
         last_frame = last_save = time.monotonic()
@@ -298,7 +282,7 @@ class Handlers(ConversationPanel, ModelPanel):
                 if now - last_save >= CHECKPOINT_S and login(request) is not None:
                     last_save = now  # a login's reply is on the server even if this process dies mid-reply
                     cv.set_messages(conv, live.node, shown_[live.start:])
-                    self.persist(book, request, conv)
+                    self.save_for_login(request, conv)
         if thought is not None:
             thought.update(thinking_message(reply.reasoning, reply.thinking_s, True))
         if not message["content"].strip():
@@ -306,8 +290,14 @@ class Handlers(ConversationPanel, ModelPanel):
         else:
             message["content"] = mark(message["content"], reply.finish_reason)
         self._record(live, request)
+        if live.superseded:
+            # Another action of this session stopped the reply and shows its own chat: the last
+            # output says only that this one stopped, or Gradio's closing message (which repeats
+            # the last output) could land after that action's result and put the old chat back.
+            yield gr.skip(), gr.skip(), self._ended_line(reply, request), *(gr.skip(),) * 4
+            return
         cut = reply.finish_reason == "length"
-        yield gr.skip(), shown(conv), self._ended_line(reply, request), book, self.listing(book), \
+        yield gr.skip(), on_screen(conv), self._ended_line(reply, request), book, self.listing(book), \
             versions_menu(conv), gr.update(visible=cut)
         if reply.error is not None:
             raise self._error(reply.error, request) from reply.error
@@ -327,8 +317,7 @@ class Handlers(ConversationPanel, ModelPanel):
                 conv["nodes"][live.node]["finish"] = "length"
         elif conv["end"] == live.node:
             cv.remove(conv, live.node)
-        if login(request) is not None:
-            self.persist({}, request, conv)
+        self.save_for_login(request, conv)
 
     def _ended_line(self, reply: Reply, request) -> str:
         if reply.finish_reason == "cancelled":
@@ -358,6 +347,7 @@ class Handlers(ConversationPanel, ModelPanel):
         live = self._live.get(_owner(request) or "")
         if live is None:
             return history
+        live.superseded = True
         live.reply.cancel()
         if not live.ended.wait(SETTLE_S):
             raise gr.Error("The last reply did not stop in time; press Stop and try again.", print_exception=False)
@@ -365,7 +355,7 @@ class Handlers(ConversationPanel, ModelPanel):
 
     # ---- editing the conversation ---------------------------------------------------------
     # Outputs of undo and clear: input, chat, saved, book, list, versions, continue.
-    @_shown
+    @shown
     def undo(self, history: list[dict], system_prompt: str, book: Any = None, request: gr.Request = None):
         """Remove the last exchange (stopping it first if it streams) and put its message back in the input box."""
         system_prompt, book = _text(system_prompt), as_book(book)
@@ -377,10 +367,10 @@ class Handlers(ConversationPanel, ModelPanel):
         if users:
             text = conv["nodes"][users[-1]]["messages"][0]["content"]
             cv.remove(conv, users[-1])
-        return text, shown(conv), self.persist(book, request, conv), book, self.listing(book), versions_menu(conv), \
+        return text, on_screen(conv), self.persist(book, request, conv), book, self.listing(book), versions_menu(conv), \
             gr.update(visible=False)
 
-    @_shown
+    @shown
     def clear(self, system_prompt: str, book: Any = None, request: gr.Request = None):
         """Empty the chat on screen (its earlier versions too); other conversations stay."""
         self._settled(request, [])  # a reply still streaming stops first, so it cannot write the chat back
@@ -392,8 +382,8 @@ class Handlers(ConversationPanel, ModelPanel):
         return "", [], self.persist(book, request, conv), book, self.listing(book), versions_menu(conv or cv.new()), \
             gr.update(visible=False)
 
-    @_shown
-    def save(self, history: list[dict], system_prompt: str, book: Any = None, request: gr.Request = None):
+    @shown
+    def save(self, system_prompt: str, book: Any = None, request: gr.Request = None):
         """The system prompt was changed: the conversation on screen keeps it."""
         book = as_book(book)
         conv = book["convs"].get(book.get("current"))
@@ -407,13 +397,13 @@ class Handlers(ConversationPanel, ModelPanel):
         """After a reply: the browser's copy of the conversations (a login's are on the server)."""
         return self.persist(as_book(book), request)
 
-    @_shown
+    @shown
     def export_chat(self, history: list[dict], system_prompt: str) -> str:
         system_prompt = _text(system_prompt)
         name = f"confab-chat-{time.strftime('%Y%m%d-%H%M%S')}.json"
         return str(self.state.export(name, export_json(self._checked(history, system_prompt), system_prompt)))
 
-    @_shown
+    @shown
     def import_chat(self, file: str | None, book: Any = None, request: gr.Request = None):
         """Import: a new conversation (or several, from an "export all"); nothing is overwritten."""
         return self.import_file(book, file, request)
@@ -437,6 +427,7 @@ class _Live:
     node: str  # its turn in that conversation's tree
     start: int  # where its messages begin in `shown`
     recorded: bool = False
+    superseded: bool = False  # stopped by another action of the session, which shows the chat itself
     ended: threading.Event = field(default_factory=threading.Event)
 
 

@@ -255,7 +255,7 @@ def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, controls, sav
     c["clear"].click(h.clear, [system, book], edit_out, api_name="clear", **raw)
     c["chatbot"].clear(h.clear, [system, book], edit_out, api_visibility="private", **raw)
     c["chatbot"].example_select(_example_text, None, c["input"], api_visibility="private")
-    system.blur(h.save, [c["chatbot"], system, book], [saved, book], api_visibility="private", **raw)
+    system.blur(h.save, [system, book], [saved, book], api_visibility="private", **raw)
     c["export"].click(h.export_chat, [c["chatbot"], system], c["export_file"], api_name="export", **raw).then(
         lambda: gr.File(visible=True), None, c["export_file"], api_visibility="private"
     )

@@ -1,0 +1,167 @@
+"""Conversations as trees (chat/conversations.py), their checks when they come back from a
+browser, a file or the database, the per-login store (web/store.py), and the page's handlers
+over a named fake engine: versions kept, limits counted over every version."""
+
+import json
+import sqlite3
+
+import gradio as gr
+import pytest
+
+from chat import conversations as cv
+from ui.chat import clean_history
+from web.store import ConversationStore
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def bot(text):
+    return {"role": "assistant", "content": text}
+
+
+def chat_with_versions():
+    """Hi -> (Hello | Hey), then an edit of the question: Bye -> Ciao."""
+    conv = cv.new()
+    cv.follow(conv, [user("Hi")])
+    cv.add_reply(conv, [bot("Hello")])
+    cv.follow(conv, [user("Hi")])
+    cv.add_reply(conv, [bot("Hey")])
+    cv.follow(conv, [user("Bye")])
+    cv.add_reply(conv, [bot("Ciao")])
+    return conv
+
+
+def test_regenerate_and_edit_keep_every_version_and_switching_shows_each():
+    conv = chat_with_versions()
+    assert cv.messages(conv) == [user("Bye"), bot("Ciao")]
+    assert conv["title"] == "Hi"  # from the first message, kept when it is edited
+    first_turn = cv.path(conv)[0]
+    assert cv.versions(conv, first_turn) == (2, 2) and len(cv.forks(conv)) == 1
+    assert cv.switch(conv, first_turn, -1)
+    assert cv.messages(conv) == [user("Hi"), bot("Hey")]  # the reply that version last showed
+    reply = cv.path(conv)[-1]
+    assert cv.versions(conv, reply) == (2, 2) and cv.switch(conv, reply, -1)
+    assert cv.messages(conv) == [user("Hi"), bot("Hello")]
+    assert not cv.switch(conv, cv.path(conv)[-1], -1)  # no version before the first
+    assert cv.size(conv) == 5  # Hi, Hello, Hey, Bye, Ciao
+
+
+def test_follow_reuses_matching_turns_and_branches_where_the_chat_differs():
+    conv = cv.new()
+    cv.follow(conv, [user("a"), bot("b"), user("c")])
+    nodes = len(conv["nodes"])
+    cv.follow(conv, [user("a"), bot("b"), user("c")])
+    assert len(conv["nodes"]) == nodes  # the same chat: nothing new
+    cv.follow(conv, [user("a"), bot("b2")])
+    assert len(conv["nodes"]) == nodes + 1 and cv.messages(conv) == [user("a"), bot("b2")]
+    # Tool steps and text after them are one assistant turn.
+    step = {"role": "assistant", "content": "84", "metadata": {"title": "Tool: calc", "id": "call:{}"}}
+    assert [r for r, _ in cv.turns([user("q"), bot("x"), step, bot("y"), user("z")])] == \
+        ["user", "assistant", "user"]
+
+
+def test_undo_removes_a_turn_with_everything_after_it():
+    conv = chat_with_versions()
+    cv.remove(conv, cv.path(conv)[0])
+    assert cv.messages(conv) == [] and conv["end"] == cv.ROOT
+    assert cv.size(conv) == 3  # the other version of the question, and its two replies, stay
+
+
+def test_a_title_is_the_first_line_cut_at_a_word():
+    assert cv.title_from("\n\n  Short question?\nmore") == "Short question?"
+    long = "Please explain the difference between a process and a thread in operating systems today"
+    title = cv.title_from(long)
+    assert title.endswith("…") and len(title) <= cv.TITLE_CHARS + 1 and long.startswith(title[:-1])
+    with pytest.raises(Exception, match="cannot be empty"):
+        cv.rename(cv.new(), "   ")
+
+
+def test_stored_data_is_checked_as_hostile():
+    conv = chat_with_versions()
+    back = cv.from_data(json.loads(json.dumps(conv)), clean_history, 1000)
+    assert cv.messages(back) == cv.messages(conv) and cv.size(back) == 5
+    # Cycles, unknown roles, bad messages, bad ids and wrong types are dropped, not crashes.
+    bad = {"id": "../../x", "title": 5, "nodes": {
+        "root": {"children": ["a", "b", "c", 7, None]},
+        "a": {"role": "user", "messages": [user("x")], "children": ["a", "root", "d"]},
+        "b": {"role": "hacker", "messages": [user("y")]},
+        "c": {"role": "user", "messages": "not a list"},
+        "d": {"role": "assistant", "messages": [user("wrong role inside")]},
+    }, "end": "zz"}
+    back = cv.from_data(bad, clean_history, 1000)
+    assert cv.messages(back) == [user("x")] and back["title"] == cv.NEW_TITLE and back["id"] != "../../x"
+    for junk in (None, 5, [], {"nodes": []}):
+        with pytest.raises(Exception, match="not a dict with nodes"):
+            cv.from_data(junk, clean_history, 10)
+    # A budget of messages: what is past it is left out (the page refuses to grow past it).
+    assert cv.size(cv.from_data(conv, clean_history, 3)) <= 3
+
+
+def test_a_chain_of_thousands_of_turns_loads_without_recursion():
+    history = [user(f"q{i}") if i % 2 == 0 else bot(f"a{i}") for i in range(5000)]
+    conv = cv.from_history(history)
+    back = cv.from_data(json.loads(json.dumps(conv)), clean_history, 10_000)
+    assert len(cv.messages(back)) == 5000
+
+
+def test_the_store_keeps_each_logins_conversations_apart(tmp_path):
+    store = ConversationStore(tmp_path / "c.sqlite3")
+    alice, bob = chat_with_versions(), cv.from_history([user("bob's")])
+    store.save("alice", alice)
+    store.save("bob", bob)
+    assert [c["id"] for c in store.load("alice")] == [alice["id"]] and store.count("bob") == 1
+    cv.rename(alice, "Renamed")
+    store.save("alice", alice)  # an update, not a second row
+    assert [c["title"] for c in store.load("alice")] == ["Renamed"]
+    store.delete("bob", alice["id"])  # another login's id deletes nothing
+    assert store.count("alice") == 1
+    with sqlite3.connect(tmp_path / "c.sqlite3") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        db.execute("UPDATE conversations SET data = '{broken' WHERE owner = 'bob'")
+    assert store.load("bob") == []  # a row no one can read is skipped
+
+
+# ---- the page's handlers, over a named fake engine -------------------------------------------
+@pytest.fixture
+def handlers(fake, tmp_path):
+    from ui.handlers import Handlers
+    from web.policy import Limits
+    from web.state import StateDir
+
+    return Handlers(fake, {}, {}, limits=Limits(messages=6, conversations=2), state=StateDir(tmp_path))
+
+
+VALUES = [0.7, 0.9, 40, 0, 64, 1.0, False, -1, "", True]
+
+
+def test_regenerate_keeps_the_earlier_reply_and_every_version_counts_against_the_limit(handlers):
+    from ui.conversations import empty_book
+
+    book = empty_book()
+    *_, last = handlers.respond("Hi", [], "", *VALUES, book)
+    chat = clean_history(last[1])
+    *_, again = handlers.regenerate(None, chat, "", book, *VALUES)
+    assert [o["label"] for o in again[1][-1]["options"]] == ["‹", "2 / 2", "›"]
+    conv = book["convs"][book["current"]]
+    assert cv.size(conv) == 5  # Hi, its thinking and answer, the second thinking and answer
+    with pytest.raises(gr.Error, match="--max-messages"):
+        list(handlers.regenerate(None, clean_history(again[1]), "", book, *VALUES))
+    assert cv.size(conv) == 5  # refused before anything was added
+
+
+def test_conversations_past_the_limit_are_refused_and_imports_never_overwrite(handlers, tmp_path):
+    from ui.conversations import empty_book
+
+    book = empty_book()
+    list(handlers.respond("Hi", [], "", *VALUES, book))
+    handlers.new_chat(book)
+    list(handlers.respond("Second", [], "", *VALUES, book))
+    with pytest.raises(gr.Error, match="--max-conversations"):
+        handlers.new_chat(book)
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps([user("imported"), bot("yes")]))
+    with pytest.raises(gr.Error, match="--max-conversations"):
+        handlers.import_chat(str(path), book)
+    assert len(book["convs"]) == 2
