@@ -252,7 +252,9 @@ def serve(settings: Settings, presets: dict, sampling: dict, key: str | None, sp
     # the others their place in line. Waiting replies hold a worker thread, hence max_threads.
     demo = build(handlers, key, concurrency=UI_REPLIES, secret=state.browser_secret())
     demo.queue(default_concurrency_limit=4, max_size=256)
-    gate = Gate(access, limits)
+    # /v1 is its own app, built before the server starts and served by the door, so a client
+    # never finds the page up and /v1 missing (routes added after launch raced the first call).
+    gate = Gate(access, limits, api=openai_app(manager, presets, limits, handlers.preset_tools))
     demo.launch(
         server_name=settings.host, server_port=settings.port, share=settings.share,
         auth=gate.check_login if settings.auth else None, css=CSS, js=JS, footer_links=["api"], max_threads=2 * UI_REPLIES + 16,
@@ -264,7 +266,6 @@ def serve(settings: Settings, presets: dict, sampling: dict, key: str | None, sp
         app_kwargs={"middleware": [Middleware(Door, gate=gate)], "openapi_url": None},
     )
     gate.gradio = demo.app  # the door reads Gradio's login cookie from here
-    add_openai_api(demo.app, manager, presets, limits, handlers.preset_tools)
     log.info("OpenAI-compatible API at %s/v1", demo.local_url.rstrip("/"))
     for line in access.summary():
         log.info("%s", line)
@@ -289,17 +290,20 @@ def load_tools(folder: Path, presets: dict) -> dict:
     return tools
 
 
-def add_openai_api(app, manager, presets: dict, limits, server_tools=lambda: None) -> None:
-    """Serve /v1 on the page's own server; its routes go first so nothing of Gradio's shadows them.
-    Who may call it is the door's business (web/door.py)."""
+def openai_app(manager, presets: dict, limits, server_tools=lambda: None):
+    """The OpenAI-compatible API as an ASGI app of its own; the door sends /v1 to it and decides
+    who may call it (web/door.py)."""
+    from fastapi import FastAPI
+
     from api.openai_api import build_router
 
     def model_id() -> str:
         return next((k for k, s in presets.items() if s == manager.spec), manager.spec.model)
 
-    before = len(app.router.routes)
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     app.include_router(build_router(manager, model_id, limits, server_tools))
-    app.router.routes[:] = app.router.routes[before:] + app.router.routes[:before]
+    return app
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -90,13 +90,15 @@ class SessionBook:
 
 @dataclass
 class Gate:
-    """The door's settings and memory. `gradio` (the Gradio app) is set once it is launched."""
+    """The door's settings and memory. `gradio` (the Gradio app) is set once it is launched;
+    `api` is the app that serves /v1 (requests there never reach Gradio)."""
 
     access: Access
     limits: Limits
     throttle: Throttle = field(default_factory=Throttle)
     sessions: SessionBook = field(default_factory=SessionBook)
     gradio: Any = None
+    api: Any = None
 
     def check_login(self, user: str, password: str) -> bool:
         """Gradio's `auth=`: the name it checks is the one counted. While that name is locked,
@@ -163,7 +165,7 @@ class Door:
             return
         if path.startswith("/gradio_api/"):
             send = self._sessions(scope, path, body, login or "", send)
-        await self.app(scope, receive, send)
+        await (self.gate.api if api and self.gate.api is not None else self.app)(scope, receive, send)
 
     # ---- where a request comes from ----------------------------------------------------------
     def _same_site(self, scope: Scope, api: bool) -> None:
