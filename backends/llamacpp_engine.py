@@ -18,7 +18,13 @@ Consumers talk to it through `Request`: text pieces arrive on `request.out`; the
 `Cancel` is checked before every step (a prompt is read in chunks, so a cancel during a long
 prefill takes effect between chunks) and a cancelled request still in line is never started.
 If the engine thread dies, every request in it or waiting for it gets an error, and `alive`
-says so to consumers that poll. This module knows llama.cpp, not prompts, templates or Gradio.
+says so to consumers that poll.
+
+A prompt may hold pictures (`Request.media`): each image chunk is a run of placeholder ids, unique
+to that picture, that the engine reads on its own (`Media.read`, one chunk a step) instead of
+batching. A cached prefix is reused up to a whole chunk, never into one, so two pictures are never
+mixed up and half a picture is never kept. Prompts without pictures take exactly the path above.
+This module knows llama.cpp, not prompts, templates, pictures or Gradio.
 """
 
 from __future__ import annotations
@@ -30,9 +36,9 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from .base import Cancel, GenerationParams
+from .base import BackendError, Cancel, GenerationParams
 from .kvcache import common_prefix
 from .llamacpp_lib import NO_KV_SLOT, Batch, Context, Lib, Model, Sampler, decode_meaning
 
@@ -41,12 +47,22 @@ PENALTY_LAST_N = 64  # as llama-cpp-python's create_completion
 PREFILL_CHUNK = 256  # prompt tokens read per step, so a long prompt does not stall other replies
 
 
+@dataclass(frozen=True)
+class Media:
+    """Prompt tokens the engine cannot batch (a picture's image chunk): `read(ctx, seq, pos)` puts
+    all `n_tokens` of them into sequence `seq` from `pos`, returning 0, else llama.cpp's failure code."""
+
+    n_tokens: int
+    read: Callable[[Context, int, int], int]
+
+
 @dataclass
 class Request:
     ids: list[int]
     params: GenerationParams
     owner: str | None = None  # whose conversation: cached tokens are reused only within it
     public: int = 0  # leading ids anyone's cache may lend (the template's opening)
+    media: dict[int, Media] = field(default_factory=dict)  # where each picture chunk starts in `ids`
     out: "queue.Queue[tuple]" = field(default_factory=queue.Queue)
     cancelled: Cancel = field(default_factory=Cancel)  # the reply's own stop switch
     cached: int = 0  # prompt tokens reused from this owner's own cache, set on admission
@@ -94,8 +110,9 @@ class BatchEngine:
 
     # ---- the consumer side ---------------------------------------------------------------
     def submit(self, ids: list[int], params: GenerationParams, owner: str | None = None, public: int = 0,
-               cancel: Cancel | None = None) -> Request:
-        request = Request(list(ids), params, owner, max(0, min(public, len(ids))), cancelled=cancel or Cancel())
+               cancel: Cancel | None = None, media: dict[int, Media] | None = None) -> Request:
+        request = Request(list(ids), params, owner, max(0, min(public, len(ids))), media=dict(media or {}),
+                          cancelled=cancel or Cancel())
         if not self.alive:
             request.out.put(("error", self.failure or "The llama.cpp engine has stopped; load the model again."))
             return request
@@ -199,11 +216,11 @@ class BatchEngine:
 
     def _start(self, slot: Slot, request: Request) -> None:
         limit = len(request.ids) - 1  # at least one prompt token is read, to get fresh logits
-        keep = min(self._reusable(slot, request), limit)
+        keep = self._whole(request, min(self._reusable(slot, request), limit))
         own = keep if slot.owner == request.owner else 0
         self._truncate(slot, keep)
         donor = max(self.slots, key=lambda s: self._reusable(s, request))
-        shared = min(self._reusable(donor, request), limit)
+        shared = self._whole(request, min(self._reusable(donor, request), limit))
         if shared > keep:
             # Another slot holds a longer prefix (this owner's other conversation, or the template's
             # opening): share its cells instead of computing them again. The unified cache lets
@@ -221,8 +238,17 @@ class BatchEngine:
             slot.sampler.close()
         slot.sampler = self._sampler(request.params)
         for token in request.ids[-PENALTY_LAST_N:]:
-            slot.sampler.accept(token)  # the repetition penalty sees the end of the prompt too
+            if token >= 0:  # a picture's placeholders are no tokens
+                slot.sampler.accept(token)  # the repetition penalty sees the end of the prompt too
         request.out.put(("start", request.cached))
+
+    @staticmethod
+    def _whole(request: Request, n: int) -> int:
+        """`n` cached tokens, less any part of a picture chunk they end inside (it is read again whole)."""
+        for start, media in request.media.items():
+            if start < n < start + media.n_tokens:
+                return start
+        return n
 
     def _truncate(self, slot: Slot, keep: int) -> None:
         if keep < len(slot.ids):
@@ -255,16 +281,54 @@ class BatchEngine:
             if slot.request is None or budget == 0:
                 continue
             if slot.pending:
-                chunk = slot.pending[: min(PREFILL_CHUNK, budget)]
+                text = self._text_ahead(slot)
+                if not text:  # a picture chunk comes next: read alone, this step
+                    self._read_media(slot)
+                    continue
+                chunk = slot.pending[: min(PREFILL_CHUNK, budget, text)]
                 row = self._add(slot, chunk, logits_last=len(chunk) == len(slot.pending))
                 if not slot.pending:
                     rows.append((slot, row))
             else:
                 rows.append((slot, self._add(slot, [slot.next_token], logits_last=True)))
-        if not self._decode():
+        if not len(self.batch) or not self._decode():
             return
         for slot, row in rows:
             self._sample(slot, row)
+
+    @staticmethod
+    def _text_ahead(slot: Slot) -> int:
+        """How many of the slot's pending prompt tokens are text before the next picture chunk."""
+        media = slot.request.media
+        if not media:
+            return len(slot.pending)
+        pos = len(slot.ids)
+        return min([start - pos for start in media if start >= pos] + [len(slot.pending)])
+
+    def _read_media(self, slot: Slot) -> None:
+        pos = len(slot.ids)
+        media = slot.request.media[pos]
+        try:
+            code = media.read(self.ctx, slot.seq, pos)
+            if code == NO_KV_SLOT and self._evict_idle():  # the cache is full: make room, read it again
+                self.ctx.forget(slot.seq, pos)
+                code = media.read(self.ctx, slot.seq, pos)
+        except BackendError as e:  # the picture itself is wrong: this reply ends, the others go on
+            self._finish(slot, "error", str(e))
+            return
+        if code != 0:
+            self.ctx.forget(slot.seq, pos)  # a chunk read in parts may have left some of itself
+            self._finish(slot, "error", f"llama.cpp could not read a picture: {decode_meaning(code)}.")
+            return
+        slot.ids.extend(slot.pending[: media.n_tokens])
+        del slot.pending[: media.n_tokens]
+
+    def _evict_idle(self) -> bool:
+        """Drop every idle conversation's cache, to make room; whether there was any."""
+        idle = [s for s in self.slots if s.request is None and s.ids]
+        for slot in idle:
+            self._forget(slot)
+        return bool(idle)
 
     def _add(self, slot: Slot, tokens: list[int], logits_last: bool) -> int:
         row = self.batch.add(slot.seq, tokens, len(slot.ids), logits_last)

@@ -6,16 +6,18 @@ per-sequence cache edits and sampler chains. llama-cpp-python exposes those only
 private `_internals` wrappers and ctypes bindings, whose shapes change between releases. Every
 such use is here, in a few small classes, so a new release is checked in one file and by one
 contract test (tests/test_llamacpp_lib.py); requirements.txt pins the version it was tested
-with (`TESTED_VERSION`). Knows llama.cpp, not prompts, slots or Gradio.
+with (`TESTED_VERSION`). Pictures go through libmtmd (`llama_cpp.mtmd_cpp`) in `Projector`.
+Knows llama.cpp, not prompts, slots or Gradio.
 """
 
 from __future__ import annotations
 
 import ctypes
 import threading
+from collections import OrderedDict
 from typing import Any, Iterator
 
-from .base import BackendError
+from .base import BackendError, ImageData, ParamError
 
 TESTED_VERSION = "0.3.36"  # requirements.txt pins this; the contract test checks the installed one
 
@@ -75,6 +77,9 @@ class Lib:
             params.flash_attn_type = getattr(self.c, "LLAMA_FLASH_ATTN_TYPE_ENABLED", 1)
         ctx = self.internals.LlamaContext(model=model.raw, params=params, verbose=False)
         return Context(self, ctx, n_batch, sequences)
+
+    def projector(self, model: "Model", path: str, *, threads: int, gpu: bool) -> "Projector":
+        return Projector(self, model, path, threads=threads, gpu=gpu)
 
 
 class Model:
@@ -216,3 +221,130 @@ class Context:
 
     def close(self) -> None:
         self.raw.close()
+
+
+class Projector:
+    """A vision projector (an mmproj GGUF) beside its model, through libmtmd.
+
+    A picture becomes a *layout*, the pieces the model reads in order: text token ids (the
+    model's own wrapping, such as `<fake_token_around_image><row_1_col_1>`) and image chunks
+    (their token counts). On the engine thread, `read` puts one image chunk into one sequence's
+    KV cache. Pictures are decoded by backends/images.py, so every format Confab takes works.
+    """
+
+    CHUNKS_KEPT = 2  # pictures whose prepared pixels (up to ~50 MB each) are kept between layout and reading
+    LAYOUTS_KEPT = 64  # pictures whose layouts (a few ints) are kept: a chat is rendered again each turn
+
+    def __init__(self, lib: Lib, model: Model, path: str, *, threads: int, gpu: bool) -> None:
+        try:
+            from llama_cpp import mtmd_cpp
+            from llama_cpp._logger import llama_log_callback
+        except (ImportError, OSError) as e:
+            raise BackendError(f"This llama-cpp-python cannot read pictures (no libmtmd: {e}); install "
+                               f"llama-cpp-python=={TESTED_VERSION} as requirements.txt does.") from e
+        self.lib, self.m = lib, mtmd_cpp
+        mtmd_cpp.mtmd_log_set(llama_log_callback, None)  # to llama-cpp-python's logger, like llama.cpp's own
+        mtmd_cpp.mtmd_helper_log_set(llama_log_callback, None)
+        params = mtmd_cpp.mtmd_context_params_default()
+        params.use_gpu, params.n_threads, params.print_timings = gpu, threads, False
+        params.flash_attn_type = getattr(lib.c, "LLAMA_FLASH_ATTN_TYPE_ENABLED", 1)
+        self.raw = mtmd_cpp.mtmd_init_from_file(path.encode(), model.raw.model, params)
+        if not self.raw:
+            raise BackendError(f"llama.cpp could not load the vision projector {path}. Is it a valid mmproj GGUF, "
+                               "made for this model?")
+        self._lock = threading.Lock()  # renders (any thread) and the engine thread share the prepared pixels
+        self._chunks: OrderedDict[str, Any] = OrderedDict()
+        self._layouts: OrderedDict[str, tuple[list[int] | int, ...]] = OrderedDict()
+        problem = "it reads no pictures" if not mtmd_cpp.mtmd_support_vision(self.raw) else (
+            "it places pictures with M-RoPE (Qwen2-VL and kin), which Confab's llama.cpp engine does not do; "
+            "use the transformers backend for it" if mtmd_cpp.mtmd_decode_use_mrope(self.raw) else "")
+        if problem:
+            self.close()
+            raise BackendError(f"The vision projector {path} cannot be used: {problem}.")
+
+    def layout(self, image: ImageData) -> tuple[list[int] | int, ...]:
+        """How the model reads `image`: lists of text token ids and image chunks' token counts, in order."""
+        m, key = self.m, image.digest
+        pieces: list[list[int] | int] = []
+        with self._lock:
+            if key in self._layouts:
+                self._layouts.move_to_end(key)
+                return self._layouts[key]
+            chunks = self._prepare(image)
+            for i in range(m.mtmd_input_chunks_size(chunks)):
+                chunk = m.mtmd_input_chunks_get(chunks, i)
+                kind = m.mtmd_input_chunk_get_type(chunk)
+                if kind == m.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    n = ctypes.c_size_t()
+                    tokens = m.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                    pieces.append([int(tokens[j]) for j in range(n.value)])
+                elif kind == m.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    n_tokens = int(m.mtmd_input_chunk_get_n_tokens(chunk))
+                    if int(m.mtmd_input_chunk_get_n_pos(chunk)) != n_tokens:  # the engine counts one position a token
+                        raise BackendError("This vision projector gives a picture's tokens other positions than one "
+                                           "each, which Confab's llama.cpp engine does not do.")
+                    pieces.append(n_tokens)
+                else:
+                    raise BackendError("The vision projector made a chunk that is not text or a picture.")
+        if any(t < 0 for piece in pieces if isinstance(piece, list) for t in piece):
+            raise BackendError("This model's vocabulary lacks the tokens its vision projector puts around a picture; "
+                               "is the mmproj made for this model?")
+        with self._lock:
+            self._layouts[key] = layout = tuple(pieces)
+            while len(self._layouts) > self.LAYOUTS_KEPT:
+                self._layouts.popitem(last=False)
+        return layout
+
+    def read(self, ctx: Context, seq: int, pos: int, image: ImageData, index: int) -> int:
+        """Encode the picture's `index`-th image chunk and decode it into sequence `seq` from position
+        `pos`, on the thread that owns `ctx`. 0 on success, else llama.cpp's failure code."""
+        m = self.m
+        with self._lock:
+            chunks = self._prepare(image)
+            found = [m.mtmd_input_chunks_get(chunks, i) for i in range(m.mtmd_input_chunks_size(chunks))]
+            found = [c for c in found if m.mtmd_input_chunk_get_type(c) == m.MTMD_INPUT_CHUNK_TYPE_IMAGE]
+            chunk = m.mtmd_input_chunk_copy(found[index])  # ours: the cache may drop the picture meanwhile
+        try:
+            end = self.lib.c.llama_pos(pos)
+            return int(m.mtmd_helper_eval_chunk_single(self.raw, ctx.raw.ctx, chunk, pos, seq, ctx.n_batch, False,
+                                                        ctypes.byref(end)))
+        finally:
+            m.mtmd_input_chunk_free(chunk)
+
+    def _prepare(self, image: ImageData) -> Any:
+        """The picture as libmtmd's chunks (its pixels resized, tiled and normalised); the lock is held."""
+        key = image.digest
+        if key in self._chunks:
+            self._chunks.move_to_end(key)
+            return self._chunks[key]
+        if not self.raw:
+            raise BackendError("The model was unloaded while this reply was being prepared; load it again.")
+        from .images import decode
+
+        m, picture = self.m, decode(image)
+        pixels = picture.tobytes()
+        bitmap = m.mtmd_bitmap_init(picture.width, picture.height, (ctypes.c_uint8 * len(pixels)).from_buffer_copy(pixels))
+        if not bitmap:
+            raise ParamError(f"llama.cpp could not take {image.name or 'a picture'} ({picture.width} x {picture.height}).")
+        chunks = m.mtmd_input_chunks_init()
+        marker = m.mtmd_default_marker()  # the picture alone: its text around it is Confab's to tokenize
+        text = m.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
+        try:
+            code = m.mtmd_tokenize(self.raw, chunks, ctypes.byref(text), (m.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)
+        finally:
+            m.mtmd_bitmap_free(bitmap)
+        if code != 0:
+            m.mtmd_input_chunks_free(chunks)
+            raise ParamError(f"llama.cpp's vision projector could not read {image.name or 'a picture'} (error {code}).")
+        self._chunks[key] = chunks
+        while len(self._chunks) > self.CHUNKS_KEPT:
+            m.mtmd_input_chunks_free(self._chunks.popitem(last=False)[1])
+        return chunks
+
+    def close(self) -> None:
+        with self._lock:
+            while self._chunks:
+                self.m.mtmd_input_chunks_free(self._chunks.popitem()[1])
+            if self.raw:
+                self.m.mtmd_free(self.raw)
+                self.raw = None
