@@ -292,9 +292,13 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Waiting:
-    """The reply waits in line: `ahead` replies will be answered before it."""
+    """The reply waits: in line, with `ahead` replies to be answered before it; or, when `loading`
+    is not None, for the operator's model switch (`loading` names the model being loaded; "" means
+    the model is being unloaded), under way for `waited_s` seconds."""
 
-    ahead: int
+    ahead: int = 0
+    loading: str | None = None
+    waited_s: float = 0.0
 
 
 class Cancel:
@@ -375,6 +379,7 @@ class ModelSpec:
     model: str  # hub id (org/name[@revision]), local folder, .gguf path, or "embedded"
     description: str = ""
     gguf_file: str | None = None
+    mmproj_file: str | None = None  # llama.cpp vision: the projector GGUF beside gguf_file (same repo or folder)
     revision: str | None = None
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -410,6 +415,9 @@ class ModelSpec:
             raise ParamError(f"quantization must be none, 8bit or 4bit, got {self.quantization!r}.")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ParamError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}.")
+        if self.mmproj_file is not None and not (isinstance(self.mmproj_file, str)
+                                                 and self.mmproj_file.lower().endswith(".gguf")):
+            raise ParamError(f"mmproj_file must name a .gguf file (a vision projector), got {self.mmproj_file!r}.")
         if self.n_ctx is not None and self.n_ctx < 16:
             raise ParamError(f"n_ctx must be at least 16, got {self.n_ctx}.")
         GenerationParams.from_dict(self.sampling)  # fail at load time, not at first message

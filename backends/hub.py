@@ -8,6 +8,8 @@ say what to do. Knows the hub and the cache, not engines.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from .base import BackendError, ProgressFn
 from .locate import Location
 
 log = logging.getLogger(__name__)
+REPORT_EVERY_S = 0.2  # a download reports its bytes at most this often (the last report always)
 
 # Weights in formats no backend here loads; skipping them saves gigabytes per download.
 IGNORE = ["*.pth", "*.pt", "*.bin.index.json.bak", "*.h5", "*.msgpack", "*.ckpt", "*.onnx", "*.ot",
@@ -22,17 +25,42 @@ IGNORE = ["*.pth", "*.pt", "*.bin.index.json.bak", "*.h5", "*.msgpack", "*.ckpt"
 
 
 def _tqdm_for(progress: ProgressFn | None, label: str) -> Any:
-    """A tqdm class that reports bytes downloaded to `progress` (Gradio also tracks tqdm)."""
+    """A tqdm class that reports a download to `progress`: bytes as "Downloading org/name: 12.3 MB /
+    456.0 MB", else the fraction done. huggingface_hub updates its bars from its own worker threads,
+    so `progress` must take calls from any thread. (Gradio also tracks tqdm itself.)"""
     from tqdm.auto import tqdm
+
+    lock = threading.Lock()
+    state = {"bytes": False, "last": 0.0}  # shared by the bars of one download
 
     class Reporting(tqdm):  # type: ignore[misc,valid-type]
         def update(self, n: float | None = 1) -> bool | None:
             shown = super().update(n)
             if progress and self.total:
-                progress(min(self.n / self.total, 1.0), f"Downloading {label}")
+                self._report()
             return shown
 
+        def _report(self) -> None:
+            fraction = min(self.n / self.total, 1.0)
+            if self.unit != "B":  # files fetched: said only while no bytes are known
+                if not state["bytes"]:
+                    progress(fraction, f"Downloading {label}")
+                return
+            if str(self.desc).startswith("Downloading bytes"):
+                return  # snapshot_download's network counter; its total is a guess, the other bar's is not
+            with lock:
+                now = time.monotonic()
+                if fraction < 1.0 and now - state["last"] < REPORT_EVERY_S:
+                    return
+                state["bytes"], state["last"] = True, now
+            progress(fraction, f"Downloading {label}: {size(self.n)} / {size(self.total)}")
+
     return Reporting
+
+
+def size(n: float) -> str:
+    """Bytes for a person: 12.3 MB, 4.56 GB."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def download(where: Location, progress: ProgressFn | None = None, weights: str = "all") -> Location:

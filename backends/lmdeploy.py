@@ -10,13 +10,17 @@ LMDeploy session; closing the stream aborts it in the engine. lmdeploy is import
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import logging
+import os
+import sys
 from typing import Any, Iterator
 
 from . import register
 from .base import BackendError, Cancel, GenerationParams, Message, ModelSpec, ProgressFn, Usage
 from .hub import download
-from .locate import locate
+from .locate import Location, locate
 from .prompting import EngineTemplated
 from .templates import is_source, render_text, resolve, template_context
 
@@ -79,6 +83,24 @@ def engine_config(spec: ModelSpec, messages_module: Any) -> Any:
         raise BackendError(f"{spec.name}: LMDeploy refused the engine settings ({e}).") from e
 
 
+NEEDS_GPU = "needs an NVIDIA GPU with CUDA"
+# Where a machine with an NVIDIA driver shows it (Linux; WSL's GPU device), read without importing torch.
+NVIDIA_SIGNS = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg")
+
+
+@functools.lru_cache(maxsize=1)
+def unavailable() -> str | None:
+    """Why LMDeploy cannot run on this machine, by cheap signs (for the page's list; checked once),
+    or None. A load checks exactly, with torch (`LMDeployBackend.check`)."""
+    torch = sys.modules.get("torch")  # already imported: ask it, it is free now
+    cuda = torch.cuda.is_available() if torch is not None else any(os.path.exists(p) for p in NVIDIA_SIGNS)
+    if not cuda:
+        return NEEDS_GPU
+    if importlib.util.find_spec("lmdeploy") is None:
+        return "not installed: pip install -r requirements-lmdeploy.txt"
+    return None
+
+
 def _require_gpu() -> None:
     try:
         import torch
@@ -94,6 +116,8 @@ def _require_gpu() -> None:
 @register("lmdeploy")
 class LMDeployBackend(EngineTemplated):
     max_concurrent = 64  # TurboMind and the PyTorch engine batch requests themselves
+    unavailable = staticmethod(unavailable)
+
     def __init__(self) -> None:
         self.pipe: Any = None
         self.spec: ModelSpec | None = None
@@ -101,14 +125,22 @@ class LMDeployBackend(EngineTemplated):
         self._messages: Any = None
         self.template = None
 
-    def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> None:
-        lmdeploy = _import_engine()
+    @staticmethod
+    def check(spec: ModelSpec) -> Location:
+        """Whether LMDeploy can load `spec` here, asked before anything is unloaded: a GPU with CUDA,
+        LMDeploy installed, weights it reads. Each failure is one line that says what to do."""
         _require_gpu()
-        import lmdeploy.messages as messages
-
+        _import_engine()
         where = locate(spec.model, spec.gguf_file, spec.revision)
         if where.gguf_file:
             raise BackendError(f"LMDeploy does not load GGUF files; use the llamacpp backend for {spec.model}.")
+        return where
+
+    def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> None:
+        where = self.check(spec)
+        lmdeploy = _import_engine()
+        import lmdeploy.messages as messages
+
         path = download(where, progress).path
         config = engine_config(spec, messages)
         # A Jinja template (inline or a file, e.g. from lagent's meta_template) is rendered here and
@@ -116,7 +148,8 @@ class LMDeployBackend(EngineTemplated):
         local = spec.chat_template and (is_source(spec.chat_template) or spec.chat_template.endswith(".jinja"))
         self.template = resolve(spec.chat_template) if local else None
         template = lmdeploy.ChatTemplateConfig(model_name=spec.chat_template) if spec.chat_template and not local else None
-        progress and progress(0.3, f"Starting the LMDeploy {type(config).__name__} for {spec.name}")
+        engine = "PyTorch" if type(config).__name__.startswith("Pytorch") else "TurboMind"
+        progress and progress(0.3, f"Loading weights of {spec.name} into LMDeploy's {engine} engine (it warms up too)")
         try:
             self.pipe = lmdeploy.pipeline(path, backend_config=config, chat_template_config=template,
                                           trust_remote_code=spec.trust_remote_code)

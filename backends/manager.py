@@ -7,7 +7,9 @@ first-come line and are told their place. A conversation is fitted to the contex
 takes its place, so a long chat never holds an engine slot while it is measured. Every wait
 here wakes when the reply's `Cancel` is set. A load gives the replies in flight a grace period,
 stops the rest (telling them why), then swaps the model; a load that fails puts the previous
-model back. Knows nothing of Gradio or HTTP, nor who asked: callers check that.
+model back. Replies that wait for a load are told so (`Waiting.loading`), not a place in line;
+the one loading hears each stage through its ProgressFn. Knows nothing of Gradio or HTTP, nor
+who asked: callers check that.
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ from typing import Any, Iterator
 from . import create
 from .base import (BackendError, Backend, Cancel, Chunk, GenerationParams, Job, Message, ModelSpec, NotLoaded,
                    ParamError, ProgressFn, Prompt, Usage, Waiting)
-from .prompting import refuse_images
+from .prompting import RenderedPrompt, refuse_images, rendered_prompt
 
 log = logging.getLogger(__name__)
+
+
+def _silent(fraction: float, text: str) -> None:
+    """A ProgressFn for callers that do not ask."""
 
 
 class ModelManager:
@@ -38,6 +44,7 @@ class ModelManager:
         self._preparing = 0  # replies being fitted and tokenized (they use the model too)
         self._line: deque[object] = deque()  # tickets of replies waiting, first come first served
         self._swapping = False
+        self._switch: tuple[str, float] | None = None  # while swapping: (the model being loaded, "" = none; since)
         self._backend: Backend | None = None
         self.spec: ModelSpec | None = None
         self.load_seconds: float | None = None
@@ -46,13 +53,20 @@ class ModelManager:
     # ---- model lifecycle -----------------------------------------------------------------
     def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> dict[str, Any]:
         """Swap in `spec`. If it fails, the model that was loaded is loaded again and the error
-        says so: a failed load never leaves the server without a model."""
+        says so: a failed load never leaves the server without a model.
+
+        `progress` hears every stage from the first moment: resolving, waiting for replies in
+        flight, unloading, then the backend's own (downloading with bytes, loading weights, ...)."""
+        say = progress or _silent
+        say(0.0, f"Resolving {spec.name}…")
         backend = create(spec)  # unknown backend names fail here, before anything is unloaded
         check = getattr(backend, "check", None)
         if check is not None:
-            check(spec)  # a missing file or a malformed name fails here too
-        with self._swap, self._exclusive():
+            check(spec)  # a missing file, a malformed name or an engine that cannot run here fails here too
+        with self._swap, self._exclusive(public_name(spec), say):
             previous = self.spec
+            if previous is not None:
+                say(0.0, f"Unloading {previous.name}…")
             self._unload_locked()
             try:
                 self._load_locked(backend, spec, progress)
@@ -60,7 +74,7 @@ class ModelManager:
                 _discard(backend)  # what it loaded before failing, before the old model needs the memory
                 if previous is None:
                     raise
-                raise self._restore(previous, e) from e
+                raise self._restore(previous, e, say) from e
         return self.describe()
 
     def _load_locked(self, backend: Backend, spec: ModelSpec, progress: ProgressFn | None) -> None:
@@ -79,38 +93,53 @@ class ModelManager:
         self.version += 1
         log.info("loaded %s with %s in %.2f s", spec.name, spec.backend, self.load_seconds)
 
-    def _restore(self, previous: ModelSpec, error: BackendError) -> BackendError:
+    def _restore(self, previous: ModelSpec, error: BackendError, say: ProgressFn | None = None) -> BackendError:
         log.warning("loading failed (%s); loading %s again", error, previous.name)
+        say and say(0.0, f"Loading failed; loading {previous.name} again…")
         backend = create(previous)
         try:
-            self._load_locked(backend, previous, None)
+            self._load_locked(backend, previous, say)
         except BackendError as again:
             _discard(backend)
             return BackendError(f"{error} Loading {previous.name} again failed too ({again}); no model is loaded.")
         return BackendError(f"{error} {previous.name} is still loaded.")
 
     def unload(self) -> None:
-        with self._swap, self._exclusive():
+        with self._swap, self._exclusive(""):
             self._unload_locked()
 
+    @property
+    def switching(self) -> tuple[str, float] | None:
+        """While a load or unload is under way: (the name of the model being loaded, "" for an
+        unload; seconds since it began); else None. Pages show it to everyone (it never holds an
+        address)."""
+        switch = self._switch
+        return (switch[0], time.monotonic() - switch[1]) if switch else None
+
     @contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        """Hold new replies back; give those in flight `swap_grace_s` to end, then stop them,
-        saying why (a load must not wait for a long reply, nor its user wonder what happened)."""
+    def _exclusive(self, target: str, say: ProgressFn = _silent) -> Iterator[None]:
+        """Hold new replies back (telling them `target` is being loaded); give those in flight
+        `swap_grace_s` to end, then stop them, saying why (a load must not wait for a long
+        reply, nor its user wonder what happened)."""
         with self._cond:
-            self._swapping = True
-            idle = lambda: not self._active and self._preparing == 0  # noqa: E731
-            if not self._cond.wait_for(idle, self.swap_grace_s):
-                # Each cancel's hook releases its reply under this same (reentrant) condition.
-                for cancel in list(self._active):
-                    cancel.set("The server's operator changed the model, so this reply was stopped. "
-                               "Send your message again.")
-                self._cond.wait_for(idle)
+            self._swapping, self._switch = True, (target, time.monotonic())
+            busy = len(self._active) + self._preparing
         try:
+            if busy:
+                say(0.0, f"Waiting up to {self.swap_grace_s:g} s for {busy} {'reply' if busy == 1 else 'replies'} "
+                         "in progress to finish…")
+            with self._cond:
+                idle = lambda: not self._active and self._preparing == 0  # noqa: E731
+                if not self._cond.wait_for(idle, self.swap_grace_s):
+                    # Each cancel's hook releases its reply under this same (reentrant) condition.
+                    for cancel in list(self._active):
+                        cancel.set("The server's operator changed the model, so this reply was stopped. "
+                                   "Send your message again.")
+                    self._cond.wait_for(idle)
             yield
         finally:
             with self._cond:
-                self._swapping = False
+                self._swapping, self._switch = False, None
                 self._cond.notify_all()
 
     def _unload_locked(self) -> None:
@@ -142,6 +171,15 @@ class ModelManager:
         continuation); `thinking` as `GenerationParams.thinking`."""
         extra = {"thinking": thinking} if thinking is not None else {}
         return self._require().render(messages, **({"tools": tools} if tools else {}), **extra)
+
+    def render_prompt(self, messages: list[Message], params: GenerationParams,
+                      tools: list[dict[str, Any]] | None = None) -> RenderedPrompt:
+        """Exactly what the engine would read for this conversation (the page's prompt view): fitted
+        to the context and rendered as a reply to it would be (one ending with the assistant's
+        message: its continuation), template text apart from message text, with its length as the
+        engine counts it. Like a reply, it waits for a load under way and holds a load back."""
+        backend, job = self._prepared(messages, params, tools, Cancel())  # never None: nothing sets this cancel
+        return rendered_prompt(backend, job, tools)
 
     def template_source(self) -> str | None:
         """The loaded model's chat template text (the chat layer reads its tool-call format there)."""
@@ -213,6 +251,7 @@ class ModelManager:
         # garbage collected.
         unhook = cancel.on_set(lambda: self._release(ticket, cancel))
         try:
+            yield from self._while_switching(cancel)  # says so, rather than waiting without a word
             prepared = self._prepared(messages, params, tools, cancel)  # before the line: it holds no slot
             with self._cond:
                 self._line.append(ticket)
@@ -223,13 +262,16 @@ class ModelManager:
                         break  # cancelled between the check above and here
                     admitted = self._try_admit(ticket, cancel)
                     ahead = len(self._active) + self._line.index(ticket) - self.capacity() + 1 if not admitted else 0
-                    if not admitted and ahead == shown:
+                    # A load under way holds the line back: that is what this reply waits for then.
+                    event = None if admitted else self._switch_waiting() or Waiting(max(ahead, 1))
+                    key = event and (event.ahead, event.loading, int(event.waited_s))
+                    if not admitted and key == shown:
                         self._cond.wait(0.5)  # woken by a reply ending, a load ending, or this cancel
                         continue
                 if admitted:
                     break
-                shown = ahead
-                yield Waiting(max(ahead, 1))
+                shown = key
+                yield event
             if not admitted:
                 yield Chunk("", finish_reason="cancelled", usage=Usage())
                 return
@@ -244,6 +286,24 @@ class ModelManager:
         finally:
             unhook()
             self._release(ticket, cancel)
+
+    def _switch_waiting(self) -> Waiting | None:
+        """What a reply waiting now is told, while a load or unload is under way (under `_cond`)."""
+        switch = self._switch
+        if not self._swapping or switch is None:
+            return None
+        return Waiting(0, loading=switch[0], waited_s=time.monotonic() - switch[1])
+
+    def _while_switching(self, cancel: Cancel) -> Iterator[Waiting]:
+        """While a load or unload is under way: a Waiting that says so, at once and then every second."""
+        while True:
+            with self._cond:
+                event = None if cancel.is_set() else self._switch_waiting()
+            if event is None:
+                return
+            yield event
+            with self._cond:  # woken by the load ending or this reply's cancel
+                self._cond.wait_for(lambda: not self._swapping or cancel.is_set(), 1.0)
 
     def _release(self, ticket: object, cancel: Cancel) -> None:
         with self._cond:
@@ -288,6 +348,12 @@ def _with_prompt(chunks: Iterator[Chunk], prompt: Prompt | None) -> Iterator[Chu
         close = getattr(chunks, "close", None)
         if close:
             close()  # at once, not when garbage collected: the engine's `finally` stops the reply
+
+
+def public_name(spec: ModelSpec) -> str:
+    """The model's name as every user may see it: a name that is an address (a typed URL, which may
+    carry a key) is not shown."""
+    return "a remote model" if "://" in spec.name else spec.name
 
 
 def _discard(backend: Backend) -> None:

@@ -7,11 +7,12 @@ module turns them into token ids and `Chunk`s. It knows no engine and no UI.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from .base import (BackendError, Cancel, Chunk, Clock, ContextOverflow, GenerationParams, Job, Message, ModelSpec,
                    NotLoaded, ParamError, Prompt, Usage)
-from .templates import Segment, render_text, template_context
+from .templates import Segment, render_segments, render_text, template_context
 
 Encode = Callable[[str, bool], list[int]]  # (text, parse control tokens?) -> ids
 
@@ -322,3 +323,44 @@ class EngineTemplated:
     def count_tokens(self, text: str) -> int:
         """An estimate (the tokenizer is the engine's, out of reach): about 4 characters a token."""
         return -(-len(text) // 4)
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """What an engine reads for a conversation, for a person to look at (the page's prompt view).
+
+    `segments` are (text, is_template) pairs that join into the prompt: template text, whose
+    control tokens the engine parses, apart from message text, which it reads as text. `tokens`
+    is the prompt's length as the engine counts it (`exact`), else an estimate, or None. When the
+    engine renders the prompt itself there are no segments: `messages` is what it is sent."""
+
+    segments: list[tuple[str, bool]]
+    tokens: int | None
+    exact: bool
+    n_ctx: int
+    dropped: int = 0  # earlier messages left out to fit the context
+    messages: list[dict[str, str]] | None = None
+    marked: bool = True  # False: the engine's text whole, its template parts not told apart
+
+
+def rendered_prompt(backend: Any, job: Job, tools: list[dict[str, Any]] | None = None) -> RenderedPrompt:
+    """`job` (as `backend.prepare` fitted and rendered it) shown as its template's segments. They
+    are rendered again from the fitted conversation with the same template and context as the
+    engine's own `render`, and checked against the text the engine encoded."""
+    n_ctx = int(getattr(backend, "n_ctx", 0) or 0)
+    prompt = job.prompt
+    if prompt is None:  # the engine applies the chat template itself
+        return RenderedPrompt([], None, False, n_ctx, messages=[m.to_dict() for m in job.messages])
+    tokens = len(prompt.token_ids) if prompt.token_ids else backend.count_tokens(prompt.text)
+    template = getattr(backend, "template", None)
+    if template is not None:
+        system = job.messages[:1] if job.messages and job.messages[0].role == "system" else []
+        fitted = system + job.messages[len(system) + job.dropped :]
+        local = isinstance(backend, LocalEngine)  # LocalEngine.render takes tools; EngineTemplated's does not
+        context = template_context(tools if local else None, job.params.thinking)
+        segments = [(s.text, not s.is_content) for s in render_segments(template, fitted, **context)]
+        if "".join(text for text, _ in segments) == prompt.text:
+            return RenderedPrompt(segments, tokens, bool(prompt.token_ids), n_ctx, job.dropped)
+    # An engine that does not say which part is its template (or a template that renders differently
+    # each time, e.g. with the clock): its text whole, unmarked.
+    return RenderedPrompt([(prompt.text, False)], tokens, bool(prompt.token_ids), n_ctx, job.dropped, marked=False)

@@ -86,7 +86,8 @@ def _same(node: dict[str, Any], role: str, msgs: list[dict[str, Any]]) -> bool:
 
 def _key(m: dict[str, Any]) -> tuple:
     meta = m.get("metadata") or {}
-    return m["role"], m.get("content"), meta.get("id"), meta.get("title")
+    files = tuple(a.get("id") for a in m.get("attached") or () if isinstance(a, dict))
+    return m["role"], m.get("content"), meta.get("id"), meta.get("title"), files
 
 
 def add_reply(conv: dict[str, Any], messages_: list[dict[str, Any]] | None = None) -> str:

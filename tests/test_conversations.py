@@ -133,7 +133,7 @@ def handlers(fake, tmp_path):
     return Handlers(fake, {}, {}, limits=Limits(messages=6, conversations=2), state=StateDir(tmp_path))
 
 
-VALUES = [0.7, 0.9, 40, 0, 64, 1.0, False, -1, "", True]
+VALUES = [0.7, 0.9, 40, 0, 64, 1.0, False, -1, "", "default", True]
 
 
 def test_regenerate_keeps_the_earlier_reply_and_every_version_counts_against_the_limit(handlers):
@@ -165,3 +165,14 @@ def test_conversations_past_the_limit_are_refused_and_imports_never_overwrite(ha
     with pytest.raises(gr.Error, match="--max-conversations"):
         handlers.import_chat(str(path), book)
     assert len(book["convs"]) == 2
+
+
+def test_a_browser_book_near_what_a_browser_keeps_warns_before_it_fails(handlers):
+    from ui.conversations import BROWSER_BYTES, empty_book
+
+    book = empty_book()
+    conv = handlers.current(book)
+    cv.follow(conv, [user("x" * (BROWSER_BYTES // 2)), bot("y" * (BROWSER_BYTES // 2 + 10))])
+    with pytest.warns(UserWarning, match="export and delete old chats"):
+        saved = handlers.persist(book, None)
+    assert saved["conversations"][0]["id"] == conv["id"]  # still kept: a warning, never a loss

@@ -80,7 +80,7 @@ def test_history_is_continued_and_undo_and_clear_work(app):
     assert [m["role"] for m in out[1]] == ["user", "assistant", "user", "assistant"]
     first_reply = out[1][1]
     text, history, saved, *_ = client.predict(history=out[1], system_prompt="", api_name="/undo")
-    assert text == "What is my name?" and len(history) == 2
+    assert text == {"text": "What is my name?", "files": []} and len(history) == 2  # back in the message box
     regen = client.predict(history=history, system_prompt="", api_name="/regenerate")
     assert len(regen[1]) == 2 and regen[1][-1]["role"] == "assistant"
     # The earlier reply is kept: the new one is version 2 of 2, with ‹ › under it.

@@ -107,7 +107,7 @@ def test_malformed_page_payloads_get_a_message(app):
         respond, n_inputs = fn["respond"]
         # The last input is the session's conversations (server-side state: what a request sends
         # there is never read).
-        good = ["Say hi.", [], "", 0.2, 0.9, 40, 0.0, 4, 1.0, False, -1, "", True, None]
+        good = ["Say hi.", [], "", 0.2, 0.9, 40, 0.0, 4, 1.0, False, -1, "", "default", True, None]
         assert len(good) == n_inputs
         variants = {
             0: [None, 5, [], {"a": 1}, "x" * 100_001, "\ud800 hi"],
@@ -120,19 +120,26 @@ def test_malformed_page_payloads_get_a_message(app):
             7: ["x", 10**6],
             10: [-5, "x", 2**70, 1.5],
             11: [5, ["x"] * 50, "x" * 5000],
+            12: ["maybe", 5, ["on"]],
         }
         cases = [(f"respond[{i}]={v!r:.30}", respond, [*good[:i], v, *good[i + 1:]])
                  for i, values in variants.items() for v in values]
         for name in ("undo", "export", "regenerate", "continue"):
             index, n = fn[name]
             for history in ("str", 5, [None], [{"role": "user", "content": 5}], [[{"deep": [[[]]]}]]):
-                data = {"undo": [history, "", None], "export": [history, ""]}.get(name, [history, "", None, *good[3:13]])
+                data = {"undo": [history, "", None], "export": [history, ""]}.get(name, [history, "", None, *good[3:14]])
                 assert len(data) == n, name
                 cases.append((f"{name} history={history!r:.30}", index, data))
         index, n = fn["import"]
         for file in (None, "x", {"path": "/etc/passwd"}, {"path": "../../etc/passwd", "meta": {"_type": "gradio.FileData"}}):
             cases.append((f"import {file!r:.40}", index, [file, None]))
         cases += conversation_cases(config)
+        # The message box's files: only what this page uploaded to Gradio's upload folder is read.
+        box, n = by_trigger(config, "chat-input", "submit")
+        for files in ([{"path": "/etc/passwd"}], [{"path": "../../etc/passwd", "meta": {"_type": "gradio.FileData"}}],
+                      "x", [5], [{"path": "/tmp"}] * 40, [{"orig_name": "a.png"}]):
+            cases.append((f"box files={files!r:.40}", box, [{"text": "read it", "files": files}, *good[1:]]))
+        cases += [(f"box {v!r:.30}", box, [v, *good[1:]]) for v in ({"text": 5}, {"files": {}}, "plain", [1])]
         index, n = fn["load"]
         for values in ([None, None, None], [5, [], {}], ["no-such-preset", "", "llamacpp"]):
             cases.append((f"load {values!r:.40}", index, values))

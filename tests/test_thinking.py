@@ -276,27 +276,27 @@ def test_a_remote_continuation_asks_the_server_to_continue(remote):
 
 # ---- the page: a folded "Thinking" message, never sent back ---------------------------------
 def test_the_page_folds_the_thinking_and_does_not_send_it_back(fake, tmp_path):
-    from ui.chat import clean_history, to_messages
+    from ui.chat import clean_history, to_messages, unmark
     from ui.conversations import empty_book
     from ui.handlers import Handlers
     from web.state import StateDir
 
     handlers = Handlers(fake, {}, {}, state=StateDir(tmp_path))
     book = empty_book()
-    values = [0.7, 0.9, 40, 0, 64, 1.0, False, -1, ""]
+    values = [0.7, 0.9, 40, 0, 64, 1.0, False, -1, "", "default"]
     *_, last = handlers.respond("Hi", [], "", *values, True, book)
     chat = last[1]
     assert [m["role"] for m in chat] == ["user", "assistant", "assistant"]
     thought, answer = chat[1], chat[2]
     assert thought["metadata"]["title"] == "Thinking" and thought["metadata"]["status"] == "done"
     assert thought["content"] == "The user greets me.\n" and isinstance(thought["metadata"]["duration"], float)
-    assert answer["content"] == "Hello there!"
+    assert unmark(answer["content"]) == "Hello there!" and "tokens" in answer["content"]  # with its numbers
     # Kept in the conversation (a reload shows it), left out of what the model reads next turn.
     assert clean_history(chat)[1]["metadata"]["id"] == "thinking"
     assert [m.content for m in to_messages(clean_history(chat), "")] == ["Hi", "Hello there!"]
     conv = book["convs"][book["current"]]
     from chat import conversations as cv
-    assert [m["content"] for m in cv.messages(conv)] == ["Hi", "The user greets me.\n", "Hello there!"]
+    assert [unmark(m["content"]) for m in cv.messages(conv)] == ["Hi", "The user greets me.\n", "Hello there!"]
     # The next turn follows the same tree (no new branch from the thinking message).
     *_, again = handlers.respond("And?", clean_history(chat), "", *values, True, book)
     assert len(cv.forks(conv)) == 0 and len(cv.messages(conv)) == 6

@@ -92,3 +92,10 @@ def test_status_line():
     for part in ["**M**", "llamacpp", "cpu", "context 120 / 8,192", "80 cached", "first token 50 ms", "tok/s"]:
         assert part in line
     assert "Load" in format_status({"loaded": False})
+
+
+def test_the_thinking_switch_maps_to_enable_thinking():
+    assert [params_from_ui({"thinking": v}).thinking for v in ("default", "on", "off")] == [None, True, False]
+    assert dict(zip(PARAM_FIELDS, ui_values(GenerationParams(thinking=False))))["thinking"] == "off"
+    with pytest.raises(ParamError, match="Thinking must be one of default, on, off"):
+        params_from_ui({"thinking": "maybe"})

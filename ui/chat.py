@@ -13,12 +13,15 @@ OpenAI messages format: a JSON list of {"role", "content"}, calls as `tool_calls
 from __future__ import annotations
 
 import json
-from typing import Any
+import posixpath
+import re
+from typing import Any, Callable
 
 from backends.base import GenerationParams, Message, ParamError, Usage, valid_text
 from chat.formats import Hermes, ToolCall, ToolFormat, calls_from_openai, parse_python_call
 from chat.tools import STEP_PREFIX, ToolStep, transcript_messages
 from web.policy import Limits
+from web.store import AttachmentStore
 
 # The sampling controls, in the order the UI lists them and handlers receive them.
 PARAM_FIELDS = (
@@ -31,11 +34,21 @@ PARAM_FIELDS = (
     "do_sample",
     "seed",
     "stop",
+    "thinking",
 )
+# The Thinking switch: templates that take `enable_thinking` (Qwen3, SmolLM3, ...) think or not.
+THINKING_CHOICES = {"default": None, "on": True, "off": False}
 RANDOM_SEED = -1  # what the seed box shows for "pick a new seed each time"
 MARKS = {"cancelled": "\n\n*(stopped)*", "error": "\n\n*(failed)*"}  # after a reply that ended so
+STATS_OPEN = "\n\n<sub>"  # a reply's numbers, the last line of its text on the page
+STATS = re.compile(re.escape(STATS_OPEN) + r"[\d,]+ tokens(?: · [^<\n]*)?</sub>\Z")
 CALL_ID = "call:"  # a tool step's metadata id: this prefix, then the call as JSON
 THINKING_ID = "thinking"  # a reasoning model's thinking: shown folded, never sent back to the model
+ATTACHED = "attached"  # a user message's attachments: [{"id": AttachmentStore name, "name": as uploaded}]
+MAX_ATTACHED = 32  # attachments one message may name (each was held to the limits when it was attached)
+MAX_ATTACHED_CHAT = 64  # and one conversation, counted with repeats (each is read for every reply)
+MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp", "gif": "image/gif",
+        "bmp": "image/bmp", "txt": "text/plain"}
 
 
 def thinking_message(text: str, seconds: float | None, done: bool) -> dict[str, Any]:
@@ -49,12 +62,24 @@ def is_thinking(m: dict[str, Any] | None) -> bool:
     return bool(m) and isinstance(m.get("metadata"), dict) and m["metadata"].get("id") == THINKING_ID
 
 
-def mark(text: str, finish_reason: str | None) -> str:
-    """A reply's text as the page shows it: marked when it was stopped or failed part way."""
-    return text + MARKS.get(finish_reason or "", "")
+def mark(text: str, finish_reason: str | None, usage: Usage | None = None) -> str:
+    """A reply's text as the page shows it: marked when it was stopped or failed part way, and
+    ending with its own numbers (tokens, first token, speed) in small print. Both are the page's:
+    `unmark` takes them off before the text goes back to a model or into an export."""
+    return text + MARKS.get(finish_reason or "", "") + (reply_stats(usage) if usage else "")
+
+
+def reply_stats(usage: Usage) -> str:
+    parts = [f"{usage.completion_tokens:,} tokens"]
+    if usage.ttft_s is not None:
+        parts.append(f"first token {usage.ttft_s * 1000:,.0f} ms")
+    if usage.tokens_per_s:
+        parts.append(f"{usage.tokens_per_s:.1f} tok/s")
+    return f"{STATS_OPEN}{' · '.join(parts)}</sub>"
 
 
 def unmark(text: str) -> str:
+    text = STATS.sub("", text)
     for suffix in MARKS.values():
         if text.endswith(suffix):
             return text[: -len(suffix)]
@@ -100,12 +125,58 @@ def clean_history(history: Any) -> list[dict[str, Any]]:
         if meta.get("title") and call is None:
             continue
         clean = {"role": item["role"], "content": valid_text(flatten(item.get("content")))}
+        files = attached_of(item) if item["role"] == "user" else []
+        if files:
+            clean[ATTACHED] = files
         if call is not None:
             clean = {**step_message(ToolStep(call, clean["content"], True)), "content": clean["content"]}
             if isinstance(meta.get("duration"), (int, float)):
                 clean["metadata"]["duration"] = meta["duration"]
         out.append(clean)
     return out
+
+
+def attached_of(item: dict[str, Any]) -> list[dict[str, str]]:
+    """A user message's attachments, as stored ({"attached": [...]}) or as the page sends them
+    back (file parts of its content, whose paths are Gradio's copies named as the store names
+    them). Only names of the store's exact shape are kept: a path from a page is never opened."""
+    found: list[tuple[Any, Any]] = []
+    if isinstance(item.get(ATTACHED), list):
+        found += [(a.get("id"), a.get("name")) for a in item[ATTACHED] if isinstance(a, dict)]
+    content = item.get("content")
+    for part in content if isinstance(content, list) else [content]:
+        if not isinstance(part, dict):
+            continue
+        file = part.get("file") if part.get("type") == "file" else part if "path" in part else None
+        if isinstance(file, dict) and isinstance(file.get("path"), str):
+            found.append((posixpath.basename(file["path"].replace("\\", "/")), file.get("orig_name")))
+    out: dict[str, dict[str, str]] = {}  # each attachment once
+    for ident, name in found:
+        if isinstance(ident, str) and AttachmentStore.NAME.fullmatch(ident) and ident not in out:
+            label = name if isinstance(name, str) and name.strip() else ident
+            out[ident] = {"id": ident, "name": valid_text(label)[:200]}
+            if len(out) == MAX_ATTACHED:
+                break
+    return list(out.values())
+
+
+def for_page(history: list[dict[str, Any]], path_of: Callable[[str], tuple[str, bool]]) -> list[dict[str, Any]]:
+    """The chat as the page shows it: a message's attachments become file parts before its text
+    (the picture itself, or a text file's chip). `path_of(id)` gives the file to show and whether
+    the attachment is still kept (one that is not shows as a note of the same name)."""
+    return [_page_message(m, path_of) if m.get(ATTACHED) else m for m in history]
+
+
+def _page_message(m: dict[str, Any], path_of: Callable[[str], tuple[str, bool]]) -> dict[str, Any]:
+    parts: list[Any] = []
+    for a in m[ATTACHED]:
+        path, kept = path_of(a["id"])
+        mime = MIME.get(a["id"].rsplit(".", 1)[-1]) if kept else "text/plain"
+        parts.append({"type": "file", "alt_text": a["name"] if kept else f"{a['name']} (no longer kept here)",
+                      "file": {"path": path, "orig_name": a["name"], "mime_type": mime}})
+    if m["content"]:
+        parts.append(m["content"])
+    return {**{k: v for k, v in m.items() if k != ATTACHED}, "content": parts}
 
 
 def step_message(step: ToolStep) -> dict[str, Any]:
@@ -133,9 +204,10 @@ def step_call(meta: dict[str, Any]) -> ToolCall | None:
 
 
 def to_messages(history: list[dict[str, Any]], system_prompt: str | None,
-                fmt: ToolFormat | None = None) -> list[Message]:
+                fmt: ToolFormat | None = None, user: Callable[[dict[str, Any]], Message] | None = None) -> list[Message]:
     """Chat history -> Messages. A run of tool steps becomes what the model wrote (the assistant
-    text before them and the calls, in `fmt`, the model's own format) and then each result."""
+    text before them and the calls, in `fmt`, the model's own format) and then each result.
+    `user` makes a user message with attachments (their text and pictures) into a Message."""
     messages = [Message("system", system_prompt.strip())] if system_prompt and system_prompt.strip() else []
     for said, steps, m in _runs(history):
         if steps:
@@ -143,7 +215,7 @@ def to_messages(history: list[dict[str, Any]], system_prompt: str | None,
         elif said is not None:
             messages.append(Message("assistant", said))
         if m is not None:
-            messages.append(Message(m["role"], m["content"]))
+            messages.append(user(m) if user is not None and m.get(ATTACHED) else Message(m["role"], m["content"]))
     return messages
 
 
@@ -167,12 +239,15 @@ def _runs(history: list[dict[str, Any]]):
         said, steps = None, []
 
 
-def history_from_messages(messages: list[Message], calls: dict[int, list[ToolCall]] | None = None) -> list[dict[str, Any]]:
+def history_from_messages(messages: list[Message], calls: dict[int, list[ToolCall]] | None = None,
+                          thinking: dict[int, str] | None = None) -> list[dict[str, Any]]:
     """The inverse of to_messages: calls (given as data by index, else read from Hermes text) and
-    their results become steps."""
+    their results become steps; an assistant message's reasoning (by index) its Thinking message."""
     history: list[dict[str, Any]] = []
     pending: list[ToolCall] = []
     for i, m in enumerate(messages):
+        if (thinking or {}).get(i):
+            history.append(thinking_message(thinking[i], None, True))
         made = (calls or {}).get(i) or (Hermes().find(m.content, set()) if m.role == "assistant" else [])
         if m.role == "assistant" and made:
             said = Hermes().said(m.content)
@@ -196,6 +271,10 @@ def params_from_ui(values: dict[str, Any], base: GenerationParams | None = None)
         data["seed"] = None
     if "stop" in data:
         data["stop"] = parse_stop_words(data["stop"])
+    if isinstance(data.get("thinking"), str):
+        if data["thinking"] not in THINKING_CHOICES:
+            raise ParamError(f"Thinking must be one of {', '.join(THINKING_CHOICES)}, got {data['thinking']!r}.")
+        data["thinking"] = THINKING_CHOICES[data["thinking"]]
     return GenerationParams.from_dict(data, base=base)
 
 
@@ -216,11 +295,14 @@ def ui_values(params: GenerationParams) -> list[Any]:
     data = params.to_dict()
     data["seed"] = RANDOM_SEED if params.seed is None else params.seed
     data["stop"] = format_stop_words(params.stop)
+    data["thinking"] = next(k for k, v in THINKING_CHOICES.items() if v is params.thinking)
     return [data[k] for k in PARAM_FIELDS]
 
 
-def export_json(history: list[dict], system_prompt: str | None) -> str:
-    """OpenAI messages: tool calls as `tool_calls` data, results as `tool` messages with their call's id."""
+def export_json(history: list[dict], system_prompt: str | None,
+                user: Callable[[dict[str, Any]], Message] | None = None) -> str:
+    """OpenAI messages: tool calls as `tool_calls` data, results as `tool` messages with their call's id.
+    Attached files are written as the text the model read, pictures as image_url data URLs."""
     out: list[dict[str, Any]] = [{"role": "system", "content": system_prompt.strip()}] \
         if system_prompt and system_prompt.strip() else []
     for said, steps, m in _runs(clean_history(history)):
@@ -232,7 +314,12 @@ def export_json(history: list[dict], system_prompt: str | None) -> str:
             out += [{"role": "tool", "tool_call_id": s.call.id, "content": s.output} for s in steps]
         elif said is not None:
             out.append({"role": "assistant", "content": said})
-        if m is not None:
+        if m is not None and user is not None and m.get(ATTACHED):
+            said = user(m)
+            out.append({"role": "user", "content": [
+                *({"type": "image_url", "image_url": {"url": i.data_url()}} for i in said.images),
+                {"type": "text", "text": said.content}]})
+        elif m is not None:
             out.append({"role": m["role"], "content": m["content"]})
     return json.dumps(out, ensure_ascii=False, indent=2)
 
@@ -251,7 +338,7 @@ def import_json(text: str, limits: Limits | None = None) -> tuple[list[dict[str,
         raise ParamError(f"The file holds a {type(data).__name__}, not a list of messages. {hint}")
     limits = limits or Limits()
     limits.check_count(len(data))
-    system, messages, calls = "", [], {}
+    system, messages, calls, thinking = "", [], {}, {}
     for i, item in enumerate(data, 1):
         if not isinstance(item, dict) or "role" not in item or "content" not in item:
             raise ParamError(f"Message {i} has no role or no content. {hint}")
@@ -262,10 +349,14 @@ def import_json(text: str, limits: Limits | None = None) -> tuple[list[dict[str,
         elif role in ("user", "assistant", "tool"):
             if role == "assistant" and item.get("tool_calls"):
                 calls[len(messages)] = _calls_from_data(item["tool_calls"], i)
+            reasoning = item.get("reasoning_content")  # as vLLM and llama.cpp's server write it
+            if role == "assistant" and isinstance(reasoning, str) and reasoning.strip():
+                limits.check_text(f"Message {i}'s reasoning", reasoning)
+                thinking[len(messages)] = valid_text(reasoning)
             messages.append(Message(role, content))
         else:
             raise ParamError(f"Message {i} has role {role!r}; only system, user, assistant and tool can be imported.")
-    return history_from_messages(messages, calls), system
+    return history_from_messages(messages, calls, thinking), system
 
 
 def _calls_from_data(raw: Any, index: int) -> list[ToolCall]:

@@ -13,23 +13,30 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio import processing_utils
+from gradio import utils as gr_utils
 
 from backends.base import ParamError
 from chat import conversations as cv
 from web.policy import Limits
-from web.store import ConversationStore
+from web.store import AttachmentStore, ConversationStore
 
-from .chat import PARAM_FIELDS, clean_history, import_json
+from .chat import PARAM_FIELDS, clean_history, for_page, import_json
 from .errors import checked, shown
 
 log = logging.getLogger(__name__)
 SETTINGS = (*PARAM_FIELDS, "use_tools")  # what each conversation remembers of the controls
 BROWSER_VERSION = 2
+# A browser keeps ~5 million characters per site (localStorage), and the saved value is encrypted
+# and base64-encoded (x1.4): past this many bytes of JSON a person is warned, before it fails.
+BROWSER_BYTES = 3_000_000
+PAGE_FILES = 10_000  # attachments whose page copy is remembered (ui: Gradio's cache path)
 OPTION_PREV, OPTION_NEXT, OPTION_COUNT = "version:prev", "version:next", "version:count"
 VIEW = 6  # the outputs of `view`: book, chat, system prompt, list, versions, continue
 UNCHANGED = (gr.skip(),) * (VIEW + 1)  # a view and the browser's copy, none of them changed
@@ -47,6 +54,8 @@ def login(request: gr.Request | None) -> str | None:
 class ConversationPanel:
     limits: Limits
     store: ConversationStore
+    attachments: AttachmentStore
+    _page_files: dict[str, tuple[str, bool]]
 
     # ---- the book ---------------------------------------------------------------------------
     def current(self, book: dict[str, Any], system: str = "", settings: dict | None = None) -> dict[str, Any]:
@@ -63,7 +72,13 @@ class ConversationPanel:
         """Keep a change: a login's conversation is written to the server now (the browser gets
         nothing); anyone else's book goes back to their browser (the returned value)."""
         if login(request) is None:
-            return browser_value(book)
+            value = browser_value(book)
+            size = len(json.dumps(value, ensure_ascii=False).encode())
+            if size > BROWSER_BYTES:
+                gr.Warning(f"This browser keeps {size / 1e6:.1f} MB of chats for this page, near what a browser "
+                           f"allows a site (~{BROWSER_BYTES / 1e6:.0f} MB here): export and delete old chats, or the "
+                           "newest changes may not survive a reload.")
+            return value
         if conv is not None:
             self.save_for_login(request, conv)
         return gr.skip()
@@ -102,8 +117,28 @@ class ConversationPanel:
         if conv is None:
             return book, [], "", self.listing(book, query), gr.update(choices=[], value=None, visible=False), \
                 gr.update(visible=False)
-        return book, on_screen(conv), conv["system"], self.listing(book, query), versions_menu(conv), \
+        return book, self.screen(conv), conv["system"], self.listing(book, query), versions_menu(conv), \
             gr.update(visible=_cut_off(conv))
+
+    def screen(self, conv: dict[str, Any]) -> list[dict[str, Any]]:
+        """The chat of `conv` as the page shows it (on_screen, with its attachments' files)."""
+        return for_page(on_screen(conv), self.page_file)
+
+    def page_file(self, ident: str) -> tuple[str, bool]:
+        """The file the page shows for an attachment, and whether it is still kept: a copy in
+        Gradio's cache, made once. (Gradio copies any other path into its cache on every update,
+        hashing the whole file: for a chat with pictures, 25 times a second while a reply streams.)"""
+        cached = self._page_files.get(ident)
+        if cached is not None and os.path.exists(cached[0]):
+            return cached
+        path = self.attachments.path(ident)
+        kept = path is not None
+        copy_ = processing_utils.save_file_to_cache(path if kept else self.attachments.gone(ident),
+                                                    gr_utils.get_upload_folder())
+        if len(self._page_files) >= PAGE_FILES:
+            self._page_files.clear()
+        self._page_files[ident] = (copy_, kept)
+        return copy_, kept
 
     def listing(self, book: dict[str, Any], query: str = "") -> Any:
         query = (query or "").strip().lower()

@@ -12,25 +12,33 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import gradio as gr
+from gradio import utils as gr_utils
 
-from backends.base import BackendError, GenerationParams, ModelSpec, Waiting, valid_text
+from backends.base import BackendError, GenerationParams, Message, ModelSpec, ParamError, Waiting, valid_text
 from backends.manager import ModelManager
+from chat.attachments import FileText, check_images, kind, read_attachment, read_image, user_message
 from chat.reply import Reply, Text, Thinking, tool_format
 from chat.tools import Tool, Toolset, ToolStep, preset_toolset
 from chat import conversations as cv
 from web.policy import Access, Limits
 from web.state import StateDir, default_state_dir
-from web.store import ConversationStore
+from web.store import AttachmentStore, ConversationStore
 
 from .chat import (
+    ATTACHED,
+    MAX_ATTACHED,
+    MAX_ATTACHED_CHAT,
     PARAM_FIELDS,
+    attached_of,
     clean_history,
     export_json,
     flatten,
+    for_page,
     mark,
     params_from_ui,
     step_call,
@@ -40,9 +48,10 @@ from .chat import (
     to_messages,
     unmark,
 )
-from .conversations import SETTINGS, ConversationPanel, as_book, login, on_screen, versions_menu
+from .conversations import SETTINGS, ConversationPanel, as_book, login, versions_menu
 from .errors import checked, shown
 from .models import ModelPanel
+from .prompt_view import PromptView
 
 log = logging.getLogger(__name__)
 REPLY_OUTPUTS = 7  # input, chat, status, book, conversations, versions, continue
@@ -52,7 +61,7 @@ STOP_WAIT_S = 0.25  # how long a Stop waits for a reply its Send has not begun (
 CHECKPOINT_S = 2.0  # a login's reply is written to the server this often while it streams
 
 
-class Handlers(ConversationPanel, ModelPanel):
+class Handlers(ConversationPanel, ModelPanel, PromptView):
     def __init__(
         self,
         manager: ModelManager,
@@ -71,13 +80,15 @@ class Handlers(ConversationPanel, ModelPanel):
         self.limits = limits or Limits()
         self.state = state or StateDir(default_state_dir())
         self.store = ConversationStore(self.state.path / "conversations.sqlite3")
+        self.attachments = AttachmentStore(self.state.path / "attachments")
+        self._page_files = {}  # attachment -> its copy in Gradio's cache (ConversationPanel.page_file)
         self._live: dict[str, _Live] = {}  # the reply streaming in each browser session
         self._live_lock = threading.Lock()
 
     # ---- replies -------------------------------------------------------------------------
     def respond(
         self,
-        message: str,
+        message: str | dict,
         history: list[dict],
         system_prompt: str,
         temperature: float,
@@ -89,20 +100,27 @@ class Handlers(ConversationPanel, ModelPanel):
         do_sample: bool,
         seed: int,
         stop: str,
+        thinking: Any = None,
         use_tools: bool = True,
         book: Any = None,
         request: gr.Request = None,
     ) -> Iterator[tuple]:
-        """Send: show the user's message at once, then stream the reply. Outputs: REPLY_OUTPUTS."""
-        values = (temperature, top_p, top_k, min_p, max_new_tokens, repetition_penalty, do_sample, seed, stop)
-        text, system_prompt = _text(message, "The message").strip(), _text(system_prompt)
-        if not text:
+        """Send: show the user's message at once, then stream the reply. Outputs: REPLY_OUTPUTS.
+        `message` is the message box's {"text", "files"} (or, from the API, text)."""
+        values = (temperature, top_p, top_k, min_p, max_new_tokens, repetition_penalty, do_sample, seed, stop, thinking)
+        text, files = _message(message)
+        system_prompt = _text(system_prompt)
+        if not text and not files:
             gr.Warning("Type a message first.")
             yield (gr.skip(),) * REPLY_OUTPUTS
             return
         params = self._params(dict(zip(PARAM_FIELDS, values)))
+        said = {"role": "user", "content": text}
         history = self._settled(request, history)  # a reply still streaming is stopped first
-        history = self._checked(history, system_prompt, extra=[{"role": "user", "content": text}])
+        # Checked (counts and sizes) before any file is read; the files then join the message.
+        history = self._checked(history, system_prompt, extra=[said], new_files=[name for _, name in files])
+        if files:
+            said[ATTACHED] = self._attach(files, params.max_new_tokens)
         yield from self._reply(history, system_prompt, params, request, self._toolset(use_tools),
                                _Target(as_book(book), (*values, use_tools)), clear_input=True)
 
@@ -144,14 +162,19 @@ class Handlers(ConversationPanel, ModelPanel):
         if not isinstance(history, list) or not isinstance(index, int) or not 0 <= index < len(history):
             raise gr.Error("That message is no longer in the chat; reload the page.", print_exception=False)
         system_prompt = _text(system_prompt)
-        history = self._checked(history[:index], system_prompt,
-                                extra=[{"role": "user", "content": valid_text(flatten(edit.value))}])
+        said = {"role": "user", "content": valid_text(flatten(edit.value))}
+        files = attached_of(history[index]) if isinstance(history[index], dict) else []
+        if files:
+            said[ATTACHED] = files  # the text was edited; its files stay
+        history = self._checked(history[:index], system_prompt, extra=[said])
         params, toolset = self._controls(values)
         yield from self._reply(history, system_prompt, params, request, toolset, _Target(as_book(book), values))
 
-    def _checked(self, history: Any, system_prompt: str, extra: list[dict] = ()) -> list[dict]:
+    def _checked(self, history: Any, system_prompt: str, extra: list[dict] = (),
+                 new_files: list[str] = ()) -> list[dict]:
         """The chat as plain messages, refused with a message when it is past the server's limits
-        (the count is checked before any work is done on it)."""
+        (the count is checked before any work is done on it). Attachments count too, repeats and
+        `new_files` (names of files about to be attached) included: each is read for every reply."""
         raw = history if isinstance(history, list) else []
         try:
             self.limits.check_count(len(raw) + len(extra))
@@ -159,9 +182,53 @@ class Handlers(ConversationPanel, ModelPanel):
             self.limits.check_text("The system prompt", system_prompt or "")
             for i, m in enumerate(chat, 1):
                 self.limits.check_text(f"Message {i}", m["content"])
+            named = [a["id"] for m in chat for a in m.get(ATTACHED) or ()] + list(new_files)
+            if len(named) > MAX_ATTACHED_CHAT:
+                raise ParamError(f"This conversation would hold {len(named)} attachments; one holds at most "
+                                 f"{MAX_ATTACHED_CHAT}. Start a new chat for more.")
+            pictures = sum(1 for n in named if kind(n) == "image")
+            if pictures > self.limits.images:
+                raise ParamError(f"This conversation would hold {pictures} pictures; this server takes at most "
+                                 f"{self.limits.images} (--max-images). Start a new chat for more.")
         except BackendError as e:
             raise gr.Error(str(e), print_exception=False) from e
         return chat
+
+    def _attach(self, files: list, reserve: int) -> list[dict[str, str]]:
+        """The files of a message, read, checked and kept (AttachmentStore): text files and PDFs
+        as the text the model reads, counted against its context less `reserve` for the reply;
+        pictures only for a model that reads them. Refused with a message saying what was wrong."""
+        if len(files) > MAX_ATTACHED:
+            raise gr.Error(f"{len(files)} files at once; attach at most {MAX_ATTACHED} to one message.",
+                           print_exception=False)
+        kept = []
+        try:
+            for path, name in files:
+                if kind(name) == "image":
+                    image = read_image(path, name, self.limits)
+                    self.manager.check_images([user_message("", images=[image])])
+                    ident = self.attachments.put(image.data, image.mime.split("/", 1)[1])
+                else:
+                    got = read_attachment(path, self.manager, self.limits, reserve, name)
+                    ident = self.attachments.put(got.text.encode("utf-8"), "txt")
+                kept.append({"id": ident, "name": name})
+        except BackendError as e:
+            raise gr.Error(str(e), print_exception=False) from e
+        return kept
+
+    def user_message(self, m: dict[str, Any]) -> Message:
+        """A user message with attachments as the model reads it: the files' text, then what was
+        typed; the pictures beside it. An attachment the store no longer has is named instead."""
+        files, images = [], []
+        for a in m.get(ATTACHED) or ():
+            data = self.attachments.read(a["id"])
+            if data is None:
+                files.append(FileText(a["name"], f"[{a['name']}: no longer kept on this server]", 0))
+            elif a["id"].endswith(".txt"):
+                files.append(FileText(a["name"], data.decode("utf-8", "replace"), 0))
+            else:
+                images.append(read_image(data, a["name"], self.limits))
+        return user_message(m["content"], files, images)
 
     def _controls(self, values: tuple) -> tuple[GenerationParams, Toolset]:
         n = len(PARAM_FIELDS)
@@ -205,6 +272,11 @@ class Handlers(ConversationPanel, ModelPanel):
         does any other action of the same session, which then goes on from the chat it left. The
         reply is a new version in the conversation's tree (or, continuing, the same one, longer)."""
         owner = _owner(request)
+        try:
+            messages = to_messages(history, system_prompt, tool_format(self.manager), self.user_message)
+            check_images(messages, self.limits)  # --max-images in one conversation
+        except BackendError as e:
+            raise gr.Error(str(e), print_exception=False) from e
         conv = self.current(target.book, system_prompt)
         # Every version counts against --max-messages: a conversation must load back whole.
         checked(lambda: self.limits.check_count(cv.size(conv) + 2))
@@ -215,7 +287,6 @@ class Handlers(ConversationPanel, ModelPanel):
         else:
             node, start = cv.add_reply(conv), len(history)
         conv["nodes"][node].pop("finish", None)
-        messages = to_messages(history, system_prompt, tool_format(self.manager))
         reply = self.manager.reply(messages, params, owner, tools=toolset)
         live = _Live(reply, list(history), conv, node, start)
         with self._live_lock:
@@ -245,7 +316,7 @@ class Handlers(ConversationPanel, ModelPanel):
             message = {"role": "assistant", "content": ""}
             shown_.append(message)
         self.save_for_login(request, conv)  # the question is kept before the reply begins
-        yield ("" if clear_input else gr.skip()), shown_, "Thinking…", book, self.listing(book), gr.skip(), \
+        yield ("" if clear_input else gr.skip()), for_page(shown_, self.page_file), "Thinking…", book, self.listing(book), gr.skip(), \
             gr.update(visible=False)
         last_frame = last_save = time.monotonic()
         thought: dict | None = None  # the folded "Thinking" message, while the model thinks
@@ -261,16 +332,15 @@ class Handlers(ConversationPanel, ModelPanel):
                 now = time.monotonic()
                 if now - last_frame >= FRAME_S:
                     last_frame = now
-                    yield gr.skip(), shown_, *(gr.skip(),) * 5
+                    yield gr.skip(), for_page(shown_, self.page_file), *(gr.skip(),) * 5
             elif isinstance(event, ToolStep):
                 if not message["content"].strip():
                     shown_.remove(message)
                 message = {"role": "assistant", "content": ""}
                 shown_ += [step_message(event), message]
-                yield gr.skip(), shown_, f"Used {event.call.name}…", *(gr.skip(),) * 4
-            elif isinstance(event, Waiting):
-                ahead = "1 reply" if event.ahead == 1 else f"{event.ahead} replies"
-                yield gr.skip(), gr.skip(), f"Waiting for the model: {ahead} ahead of yours…", *(gr.skip(),) * 4
+                yield gr.skip(), for_page(shown_, self.page_file), f"Used {event.call.name}…", *(gr.skip(),) * 4
+            elif isinstance(event, Waiting):  # in line, or for the operator's model switch
+                yield gr.skip(), gr.skip(), self.waiting_line(event), *(gr.skip(),) * 4
             elif isinstance(event, Text):
                 message["content"] += event.text
                 # At most one page update per frame: each update re-sends the chat and costs
@@ -278,7 +348,7 @@ class Handlers(ConversationPanel, ModelPanel):
                 now = time.monotonic()
                 if now - last_frame >= FRAME_S:
                     last_frame = now
-                    yield gr.skip(), shown_, *(gr.skip(),) * 5
+                    yield gr.skip(), for_page(shown_, self.page_file), *(gr.skip(),) * 5
                 if now - last_save >= CHECKPOINT_S and login(request) is not None:
                     last_save = now  # a login's reply is on the server even if this process dies mid-reply
                     cv.set_messages(conv, live.node, shown_[live.start:])
@@ -288,7 +358,7 @@ class Handlers(ConversationPanel, ModelPanel):
         if not message["content"].strip():
             shown_.remove(message)  # no empty assistant message, whatever ended the reply
         else:
-            message["content"] = mark(message["content"], reply.finish_reason)
+            message["content"] = mark(message["content"], reply.finish_reason, reply.usage)
         self._record(live, request)
         if live.superseded:
             # Another action of this session stopped the reply and shows its own chat: the last
@@ -297,7 +367,7 @@ class Handlers(ConversationPanel, ModelPanel):
             yield gr.skip(), gr.skip(), self._ended_line(reply, request), *(gr.skip(),) * 4
             return
         cut = reply.finish_reason == "length"
-        yield gr.skip(), on_screen(conv), self._ended_line(reply, request), book, self.listing(book), \
+        yield gr.skip(), self.screen(conv), self._ended_line(reply, request), book, self.listing(book), \
             versions_menu(conv), gr.update(visible=cut)
         if reply.error is not None:
             raise self._error(reply.error, request) from reply.error
@@ -367,7 +437,7 @@ class Handlers(ConversationPanel, ModelPanel):
         if users:
             text = conv["nodes"][users[-1]]["messages"][0]["content"]
             cv.remove(conv, users[-1])
-        return text, on_screen(conv), self.persist(book, request, conv), book, self.listing(book), versions_menu(conv), \
+        return text, self.screen(conv), self.persist(book, request, conv), book, self.listing(book), versions_menu(conv), \
             gr.update(visible=False)
 
     @shown
@@ -401,7 +471,8 @@ class Handlers(ConversationPanel, ModelPanel):
     def export_chat(self, history: list[dict], system_prompt: str) -> str:
         system_prompt = _text(system_prompt)
         name = f"confab-chat-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        return str(self.state.export(name, export_json(self._checked(history, system_prompt), system_prompt)))
+        chat = self._checked(history, system_prompt)
+        return str(self.state.export(name, export_json(chat, system_prompt, self.user_message)))
 
     @shown
     def import_chat(self, file: str | None, book: Any = None, request: gr.Request = None):
@@ -437,6 +508,41 @@ def _text(value: Any, what: str = "The system prompt") -> str:
         return text_input(value, what)
     except BackendError as e:
         raise gr.Error(str(e), print_exception=False) from e
+
+
+def _message(value: Any) -> tuple[str, list[tuple[str, str]]]:
+    """The message box's raw value: its text, and the (path, name) of each file uploaded with it.
+    Gradio accepts only files in its upload folder here; that is checked again, as a path from a
+    page is hostile input."""
+    if not isinstance(value, dict):
+        return _text(value, "The message").strip(), []
+    text = _text(value.get("text"), "The message").strip()
+    raw = value.get("files") or []
+    if not isinstance(raw, list):
+        raise gr.Error("The message's files must be a list.", print_exception=False)
+    uploads = Path(gr_utils.get_upload_folder()).resolve()
+    files = []
+    for f in raw[: MAX_ATTACHED + 1]:
+        path = f.get("path") if isinstance(f, dict) else None
+        try:
+            where = Path(path).resolve() if isinstance(path, str) and path else None
+            uploaded = where is not None and where.is_relative_to(uploads) and where.is_file()
+        except (OSError, ValueError):  # a NUL byte, a name too long for the file system
+            uploaded = False
+        if not uploaded:
+            raise gr.Error("An attached file was not uploaded to this page; attach it again.", print_exception=False)
+        name = f.get("orig_name") if isinstance(f.get("orig_name"), str) and f["orig_name"].strip() else where.name
+        files.append((str(where), _short_name(valid_text(Path(name).name))))
+    return text, files
+
+
+def _short_name(name: str, most: int = 200) -> str:
+    """A file name of at most `most` characters that keeps its suffix (which says how it is read)."""
+    if len(name) <= most:
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    suffix = suffix[:20] if dot else ""
+    return (stem if dot else name)[: most - len(suffix) - 1] + (f".{suffix}" if suffix else "")
 
 
 def _session(request: gr.Request | None) -> str | None:

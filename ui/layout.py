@@ -10,11 +10,13 @@ from typing import Any
 import gradio as gr
 
 from backends.base import GenerationParams
+from chat.attachments import IMAGE_SUFFIXES, TEXT_SUFFIXES
 
 from .chat import PARAM_FIELDS, ui_values
 from .conversations import browser_value, empty_book
 from .handlers import Handlers
 from .models import CUSTOM
+from .prompt_view import CSS as PROMPT_CSS
 
 CSS = """
 #status { min-height: 1.5em; font-size: 0.9em; opacity: 0.9; }
@@ -51,7 +53,11 @@ JS = """
   const status = () => document.querySelector('#status');
   const mark = () => { const s = status(); if (s && !s.getAttribute('aria-live')) {
     s.setAttribute('aria-live', 'polite'); s.setAttribute('role', 'status'); } };
-  mark(); new MutationObserver(mark).observe(document.body, {childList: true, subtree: true});
+  // The message box's paperclip gets a stable id and a name a screen reader says.
+  const clip = () => { const b = document.querySelector('#chat-input button.upload-button, #chat-input [data-testid="upload-button"]');
+    if (b && b.id !== 'attach') { b.id = 'attach'; b.setAttribute('aria-label', 'Attach files or pictures'); } };
+  const watch = () => { mark(); clip(); };
+  watch(); new MutationObserver(watch).observe(document.body, {childList: true, subtree: true});
   // On a phone the conversations list starts closed: the chat and its input come first.
   if (window.innerWidth < 700) {
     const close = () => { const t = document.querySelector('#sidebar button[aria-label="Toggle Sidebar"]');
@@ -76,6 +82,7 @@ LATEX = [
     {"left": "\\[", "right": "\\]", "display": True},
 ]
 STORAGE_KEY = "confab-chat"
+FILE_TYPES = [".pdf", *sorted(TEXT_SUFFIXES), *sorted(IMAGE_SUFFIXES)]
 EXAMPLES = [
     {"text": "Explain what a context window is, in two sentences."},
     {"text": "Write a haiku about a quiet server room."},
@@ -107,10 +114,18 @@ def build(handlers: Handlers, current_preset: str | None, concurrency: int = 1, 
                 )
                 # Tools come from the loaded preset; the box lets a user turn them off.
                 use_tools = gr.Checkbox(value=True, elem_id="use-tools", **handlers.tools_label())
+                thinking = gr.Radio(
+                    choices=[("Model's default", "default"), ("On", "on"), ("Off", "off")],
+                    value=dict(zip(PARAM_FIELDS, ui_values(defaults)))["thinking"], label="Thinking",
+                    info="For models whose template switches reasoning (enable_thinking)", elem_id="thinking")
                 sampling_preset, sliders = _sampling_panel(handlers, defaults)
+                sliders.append(thinking)  # PARAM_FIELDS order: the switch is the last of them
         _wire(demo, handlers, chat, model, system, sampling_preset, [*sliders, use_tools], saved, concurrency,
               side, book)
         _wire_conversations(handlers, chat, side, system, [*sliders, use_tools], saved, book)
+        # The prompt a reply would read: the chat, its system prompt, the sampling controls and tools.
+        chat["prompt_show"].click(handlers.prompt_view, [chat["chatbot"], system, *sliders, use_tools],
+                                  chat["prompt_out"], api_visibility="private", preprocess=False)
         timer = gr.Timer(MODEL_WATCH_S)
         timer.tick(handlers.watch, seen_version, [seen_version, chat["status"], use_tools], api_visibility="private",
                    show_progress="hidden", concurrency_limit=None)
@@ -144,10 +159,16 @@ def _chat_column(max_chars: int) -> dict[str, Any]:
     c["versions"] = gr.Dropdown(choices=[], value=None, label="Other versions in this chat", elem_id="versions",
                                 visible=False)
     with gr.Row(elem_id="input-row"):
-        c["input"] = gr.Textbox(
-            elem_id="chat-input", show_label=False, scale=8, lines=1, max_lines=8, autofocus=True, max_length=max_chars,
-            placeholder="Message — Enter sends, Shift+Enter for a new line, Esc stops",
+        # Text, files and pictures (the paperclip, id `attach`): read and checked by the server
+        # when the message is sent (ui.handlers._attach), whatever the page let through.
+        c["input"] = gr.MultimodalTextbox(
+            elem_id="chat-input", show_label=False, scale=8, lines=1, max_lines=8, autofocus=True,
+            file_count="multiple", file_types=FILE_TYPES, sources=["upload"], submit_btn=False,
+            max_plain_text_length=max_chars,
+            placeholder="Message — Enter sends, Shift+Enter for a new line, Esc stops; attach files or pictures",
         )
+        # The Gradio API's /respond takes a plain text message, as before the box took files.
+        c["api_message"] = gr.Textbox(visible="hidden", max_length=max_chars, label="message")
         c["send"] = gr.Button("Send", elem_id="send", variant="primary", scale=1, min_width=64)
         c["stop"] = gr.Button("Stop", elem_id="stop", variant="stop", scale=1, min_width=64)
     c["status"] = gr.Markdown(elem_id="status")
@@ -159,7 +180,17 @@ def _chat_column(max_chars: int) -> dict[str, Any]:
         c["export"] = gr.Button("Export JSON", elem_id="export", size="sm")
         c["import"] = gr.UploadButton("Import JSON", elem_id="import", size="sm", file_types=[".json"])
     c["export_file"] = gr.File(label="Exported chat", visible=False, elem_id="export-file")
+    c.update(_prompt_panel())
     return c
+
+
+def _prompt_panel() -> dict[str, Any]:
+    """The prompt the model reads for the chat on screen, on demand (ui/prompt_view.py)."""
+    p: dict[str, Any] = {}
+    with gr.Accordion("Prompt the model reads", open=False, elem_id="prompt-view"):
+        p["prompt_show"] = gr.Button("Show", elem_id="prompt-view-show", size="sm")
+        p["prompt_out"] = gr.HTML(elem_id="prompt-view-output", css_template=PROMPT_CSS, js_on_load=None)
+    return p
 
 
 def _model_panel(handlers: Handlers, current_preset: str | None) -> dict[str, Any]:
@@ -177,7 +208,7 @@ def _model_panel(handlers: Handlers, current_preset: str | None) -> dict[str, An
             choices=[], value=None, label="Downloaded models (Hugging Face cache)", elem_id="cached-models",
         )
         m["backend"] = gr.Radio(
-            choices=handlers.backend_names(), value="transformers", label="Backend for a custom model",
+            choices=handlers.backend_choices(), value="transformers", label="Backend for a custom model",
             elem_id="backend",
         )
         with gr.Row():
@@ -230,8 +261,10 @@ def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, controls, sav
                       trigger_mode="multiple", **raw)
     send_args = dict(fn=h.respond, inputs=[c["input"], c["chatbot"], system, *controls, book], outputs=reply_out)
     replies = [
-        c["input"].submit(**send_args, api_name="respond", **reply_opts),
-        c["send"].click(**send_args, api_visibility="private", **reply_opts),
+        c["input"].submit(**send_args, api_name="send_enter", api_visibility="private", **reply_opts),
+        c["send"].click(**send_args, api_name="send_button", api_visibility="private", **reply_opts),
+        c["api_message"].submit(**{**send_args, "inputs": [c["api_message"], *send_args["inputs"][1:]]},
+                                api_name="respond", **reply_opts),
     ]
     again = [c["chatbot"], system, book, *controls]
     regen_args = dict(fn=h.regenerate, inputs=again, outputs=reply_out)

@@ -1,6 +1,8 @@
-"""The model panel's handlers, and who may use them: load, unload, the status line, what a
-visitor sees instead, the watch that tells every page of a model switch. Load and unload are
-for operators (web.policy.Access), checked here on the server whatever the page shows.
+"""The model panel's handlers, and who may use them: load (with its stages on a progress bar),
+unload, the status line, what a visitor sees instead, the watch that tells every page of a model
+switch, and what a reply waiting for one is told. Load and unload are for operators
+(web.policy.Access), checked here on the server whatever the page shows. Engines that cannot run
+on this machine are marked in the lists (`backends.unavailable`).
 
 A base of `ui.handlers.Handlers`, which provides `manager`, `presets`, `sampling_presets`,
 `access`, `limits` and `tools_box`.
@@ -8,16 +10,18 @@ A base of `ui.handlers.Handlers`, which provides `manager`, `presets`, `sampling
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from backends import names as backend_names
-from backends.base import BackendError, GenerationParams, ModelSpec, Usage
+from backends import names as backend_names, unavailable
+from backends.base import BackendError, GenerationParams, ModelSpec, ProgressFn, Usage, Waiting
 from backends.hub import cached_models
-from backends.locate import guess_backend
+from backends.locate import EMBEDDED, guess_backend
 
 from .chat import format_status, ui_values
 
@@ -53,7 +57,9 @@ class ModelPanel:
 
     # ---- models and settings --------------------------------------------------------------
     def model_choices(self) -> list[tuple[str, str]]:
-        return [(spec.name, key) for key, spec in self.presets.items()] + [("Custom (path or hub id below)", CUSTOM)]
+        """(label, key) for the preset list; a preset whose engine cannot run here says why."""
+        return [(_marked(spec.name, spec.backend, "{} — {}"), key) for key, spec in self.presets.items()] + \
+            [("Custom (path or hub id below)", CUSTOM)]
 
     def spec_for(self, choice: str, custom: str, backend: str) -> ModelSpec:
         if custom and custom.strip():
@@ -70,10 +76,10 @@ class ModelPanel:
         try:
             spec = self.spec_for(choice, custom, backend)
             log.info("%s loads %s (%s: %s)", who, spec.name, spec.backend, spec.base_url or spec.model)
-            info = self.manager.load(spec, progress=lambda f, d: progress(f, desc=d))
+            info = self.manager.load(spec, progress=page_progress(progress))
         except BackendError as e:
             raise self._error(e, request) from e
-        gr.Info(f"Loaded {spec.name} in {info.get('load_s', 0):.1f} s.")
+        gr.Info(f"Loaded {spec.name} with {spec.backend} in {info.get('load_s', 0):.1f} s.")
         return [self._status_line(request), *ui_values(self.defaults()), self.tools_box()]
 
     def unload_model(self, request: gr.Request) -> str:
@@ -86,6 +92,9 @@ class ModelPanel:
         return self._status_line(request)
 
     def _status_line(self, request: gr.Request | None, usage: Usage | None = None, note: str = "") -> str:
+        switching = self.manager.switching
+        if switching is not None:  # between models, there is no model to describe: say what happens
+            return switch_text(*switching) + (f" — {note}" if note else "")
         info = self.manager.describe()
         if not self.is_operator(request) and str(info.get("device", "")).startswith("remote"):
             # Its address (which may carry a key) is the operator's business: visitors see the name
@@ -93,13 +102,26 @@ class ModelPanel:
             info.update(device="remote server", name=info.get("model") or "remote model")
         return format_status(info, usage, note)
 
-    def watch(self, seen: int | None, request: gr.Request):
-        """Every few seconds: if the model changed (another user's load), refresh the status line
-        and the tools box. Outputs: the version seen, status, tools box."""
+    def watch(self, seen: int | str | None, request: gr.Request):
+        """Every few seconds: while another user switches the model, say so (and for how long);
+        once the model changed, refresh the status line and the tools box. Outputs: what was seen
+        (the model's version, or a text while it switches), status, tools box."""
+        switching = self.manager.switching
+        if switching is not None:
+            text = switch_text(*switching)
+            return (gr.skip(),) * 3 if text == seen else (text, text, gr.skip())
         version = self.manager.version
         if version == seen:
             return gr.skip(), gr.skip(), gr.skip()
         return version, self._status_line(request), self.tools_box()
+
+    @staticmethod
+    def waiting_line(event: Waiting) -> str:
+        """The status line of a reply that waits: for the operator's model switch, or in line."""
+        if event.loading is not None:
+            return switch_text(event.loading, event.waited_s, waiting=True)
+        ahead = "1 reply" if event.ahead == 1 else f"{event.ahead} replies"
+        return f"Waiting for the model: {ahead} ahead of yours…"
 
     def model_panel(self, request: gr.Request):
         """The model panel as this person may use it: operators get the controls; visitors a note
@@ -118,25 +140,67 @@ class ModelPanel:
     def backend_names() -> list[str]:
         return backend_names()
 
+    @staticmethod
+    def backend_choices() -> list[tuple[str, str]]:
+        """(label, name) for the backend list; one that cannot run here says why."""
+        return [(_marked(name, name), name) for name in backend_names()]
+
     def cached_models(self, request: gr.Request) -> gr.Dropdown:
         """What is in the Hugging Face cache, for operators (visitors see nothing of the disk)."""
         return gr.Dropdown(choices=cached_models() if self.is_operator(request) else [])
 
     def pick_cached(self, repo: str | None, backend: str, request: gr.Request):
-        """A downloaded model was picked: put it in the model box with a backend that loads it."""
+        """A downloaded model was picked: put it in the model box (a .gguf goes to llama.cpp
+        whatever the backend choice says: see `custom_spec`). Outputs: model box, backend."""
         if not repo or not self.is_operator(request):
             return gr.skip(), gr.skip()
-        return repo, "llamacpp" if repo.lower().endswith(".gguf") else backend
+        return repo, gr.skip()
 
 
 def custom_spec(text: str, backend: str | None) -> ModelSpec:
-    """What the model box holds -> a ModelSpec. A URL means a remote OpenAI-compatible server."""
+    """What the model box holds -> a ModelSpec. A URL means a remote OpenAI-compatible server; a
+    .gguf file (a path, or a hub repo's file: org/x-GGUF/x.Q4_K_M.gguf, or "embedded") goes to
+    llama.cpp whatever the backend choice says: transformers would de-quantize it (a preset can
+    still ask for that), and LMDeploy cannot read it."""
     if text.startswith(("http://", "https://")):
         url = text.rstrip("/")
         return ModelSpec(name=url, backend="openai", model="auto",
                          base_url=url if url.endswith("/v1") else url + "/v1")
-    if backend in ("openai", None, ""):
+    if backend in ("openai", None, "") or text == EMBEDDED or text.lower().endswith(".gguf"):
         backend = guess_backend(text)
     return ModelSpec(name=Path(text).name or text, backend=backend, model=text)
+
+
+def switch_text(loading: str, seconds: float, waiting: bool = False) -> str:
+    """What everyone is told while the operator switches the model (`loading` "" is an unload)."""
+    if not loading:
+        return "The operator is unloading the model…"
+    then = "your message will be answered when it is loaded" if waiting else "replies wait until it is loaded"
+    return f"The operator is switching the model to {loading}; {then} ({seconds:.0f} s so far)…"
+
+
+def _marked(label: str, backend: str, form: str = "{} ({})") -> str:
+    """`label`, with why its engine cannot run here, if it cannot: "lmdeploy (needs an NVIDIA GPU with CUDA)"."""
+    try:
+        reason = unavailable(backend)
+    except BackendError:  # an unknown backend: loading it says so
+        return label
+    return form.format(label, reason) if reason else label
+
+
+def page_progress(progress: Any) -> ProgressFn:
+    """A ProgressFn onto the page's `gr.Progress`, callable from any thread. Gradio finds the page
+    through context variables, which the threads huggingface_hub downloads in do not have: they
+    call it in a copy of this handler's context (a copy each time: one context cannot be entered
+    by two threads at once)."""
+    context, home = contextvars.copy_context(), threading.get_ident()
+
+    def report(fraction: float, text: str) -> None:
+        if threading.get_ident() == home:
+            progress(fraction, desc=text)
+        else:
+            context.copy().run(progress, fraction, desc=text)
+
+    return report
 
 

@@ -10,7 +10,11 @@ pool. Knows SQLite and JSON, not Gradio or engines.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
+import re
 import sqlite3
 import threading
 from contextlib import closing
@@ -73,3 +77,82 @@ class ConversationStore:
     def count(self, owner: str) -> int:
         with closing(self._connect()) as db:
             return db.execute("SELECT COUNT(*) FROM conversations WHERE owner = ?", (owner,)).fetchone()[0]
+
+
+class AttachmentStore:
+    """What people attached to messages, kept by content in a folder of the state folder: a
+    picture as it was sent, a text file or PDF as the text the model reads. A conversation (in
+    the browser or SQLite) names an attachment by its file name here, the sha256 of its bytes
+    and a suffix, so a saved chat stays small and an attachment is never stored twice. A name
+    from a page is hostile input: only names of that exact shape are looked up. The folder is
+    held to `budget_bytes`; past it the files used longest ago go first."""
+
+    NAME = re.compile(r"[0-9a-f]{64}\.(?:png|jpe?g|webp|gif|bmp|txt)")
+
+    def __init__(self, folder: Path, budget_bytes: int = 2 * 1024**3) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.budget_bytes = budget_bytes
+        self._lock = threading.Lock()
+
+    def put(self, data: bytes, suffix: str) -> str:
+        """Keep `data`; its name here."""
+        name = f"{hashlib.sha256(data).hexdigest()}.{suffix.lstrip('.').lower()}"
+        if not self.NAME.fullmatch(name):
+            raise ValueError(f"Cannot keep a .{suffix} attachment.")
+        path = self.folder / name
+        with self._lock:
+            if path.exists():
+                os.utime(path)
+            else:
+                tmp = path.with_suffix(".part")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+                self._prune(keep=name)
+        return name
+
+    def path(self, name: Any) -> Path | None:
+        """The file of a name (marked as used), or None: not a name of this store, or gone."""
+        if not isinstance(name, str) or not self.NAME.fullmatch(name):
+            return None
+        path = self.folder / name
+        try:
+            os.utime(path)
+        except OSError:
+            return None
+        return path
+
+    def gone(self, name: str) -> Path:
+        """A short note standing in for an attachment no longer kept, under the same file name (so
+        a chat that names it still reads back the same), in a folder of its own."""
+        path = self.folder / "gone" / name
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            path.write_text("This attachment is no longer kept on this server.\n", encoding="utf-8")
+        return path
+
+    def read(self, name: Any) -> bytes | None:
+        path = self.path(name)
+        try:
+            return path.read_bytes() if path is not None else None
+        except OSError:
+            return None
+
+    def _prune(self, keep: str) -> None:
+        files = []
+        for entry in os.scandir(self.folder):
+            if not entry.is_file():
+                continue
+            try:
+                st = entry.stat()
+            except OSError:
+                continue
+            files.append((st.st_mtime, st.st_size, entry.path, entry.name))  # utime marks a use
+        total = sum(f[1] for f in files)
+        for _, size, path, name in sorted(files):
+            if total <= self.budget_bytes:
+                break
+            if name != keep:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+                total -= size
