@@ -59,6 +59,29 @@ def test_the_store_keeps_by_content_and_looks_up_only_its_own_names(tmp_path):
         store.put(b"data", "exe")
 
 
+def test_a_name_says_nothing_of_the_content_to_anyone_but_its_owner(tmp_path):
+    import hashlib
+
+    store = AttachmentStore(tmp_path / "a", secret="server-secret")
+    alice = store.put(b"the quarterly numbers", "txt", owner="login:alice")
+    assert store.put(b"the quarterly numbers", "txt", owner="login:alice") == alice  # kept once per owner
+    bob = store.put(b"the quarterly numbers", "txt", owner="login:bob")
+    assert bob != alice  # Bob, holding the same file, cannot tell that Alice has it
+    assert hashlib.sha256(b"the quarterly numbers").hexdigest() not in alice
+    other_server = AttachmentStore(tmp_path / "b", secret="another")
+    assert other_server.put(b"the quarterly numbers", "txt", owner="login:alice") != alice
+
+
+def test_a_browser_keeps_its_attachment_key_with_its_chats(handlers):
+    from ui.conversations import browser_value, empty_book
+
+    book = empty_book()
+    key = handlers.owner_key(book, None)
+    saved = browser_value(book)
+    assert handlers.owner_key(handlers.open_book(saved, None), None) == key
+    assert handlers.owner_key(handlers.open_book({**saved, "key": "../../x"}, None), None) != key
+
+
 def test_what_a_page_sends_back_keeps_store_names_only():
     name = "ab" * 32 + ".png"
     page = {"role": "user", "content": [

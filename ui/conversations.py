@@ -14,6 +14,8 @@ import copy
 import json
 import logging
 import os
+import re
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -108,7 +110,23 @@ class ConversationPanel:
         first = cv.newest_first(book["convs"].values())
         current = saved.get("current") if isinstance(saved, dict) and user is None else None
         book["current"] = current if current in book["convs"] else (first[0]["id"] if first else None)
+        key = saved.get("key") if isinstance(saved, dict) and user is None else None
+        if isinstance(key, str) and re.fullmatch(r"[0-9a-f]{32}", key):
+            book["key"] = key  # this browser's attachments stay its own across reloads
         return book
+
+    @staticmethod
+    def owner_key(book: Any, request: gr.Request | None) -> str:
+        """Whose attachments these are (web.store.AttachmentStore names them by it): a login, or
+        the browser's own random key, kept with its conversations (encrypted, never shown)."""
+        user = login(request)
+        if user is not None:
+            return f"login:{user}"
+        if not isinstance(book, dict):
+            return secrets.token_hex(16)  # an API call without a page: its files are its own
+        if not (isinstance(book.get("key"), str) and len(book["key"]) == 32):
+            book["key"] = secrets.token_hex(16)
+        return "browser:" + book["key"]
 
     # ---- what the page shows ----------------------------------------------------------------
     def view(self, book: dict[str, Any], query: str = "") -> tuple:
@@ -325,7 +343,7 @@ def as_book(book: Any) -> dict[str, Any]:
 def browser_value(book: dict[str, Any]) -> dict[str, Any]:
     """What the browser keeps: a copy, not the live conversations (Gradio diffs a streamed output
     against the value it last sent, so a value changed in place afterwards would look unchanged)."""
-    return copy.deepcopy({"v": BROWSER_VERSION, "current": book.get("current"),
+    return copy.deepcopy({"v": BROWSER_VERSION, "current": book.get("current"), "key": book.get("key"),
                           "conversations": cv.newest_first(book["convs"].values())})
 
 

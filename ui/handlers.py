@@ -80,7 +80,7 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
         self.limits = limits or Limits()
         self.state = state or StateDir(default_state_dir())
         self.store = ConversationStore(self.state.path / "conversations.sqlite3")
-        self.attachments = AttachmentStore(self.state.path / "attachments")
+        self.attachments = AttachmentStore(self.state.path / "attachments", self.state.browser_secret())
         self._page_files = {}  # attachment -> its copy in Gradio's cache (ConversationPanel.page_file)
         self._live: dict[str, _Live] = {}  # the reply streaming in each browser session
         self._live_lock = threading.Lock()
@@ -120,7 +120,7 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
         # Checked (counts and sizes) before any file is read; the files then join the message.
         history = self._checked(history, system_prompt, extra=[said], new_files=[name for _, name in files])
         if files:
-            said[ATTACHED] = self._attach(files, params.max_new_tokens)
+            said[ATTACHED] = self._attach(files, params.max_new_tokens, self.owner_key(book, request))
         yield from self._reply(history, system_prompt, params, request, self._toolset(use_tools),
                                _Target(as_book(book), (*values, use_tools)), clear_input=True)
 
@@ -194,7 +194,7 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
             raise gr.Error(str(e), print_exception=False) from e
         return chat
 
-    def _attach(self, files: list, reserve: int) -> list[dict[str, str]]:
+    def _attach(self, files: list, reserve: int, owner: str = "") -> list[dict[str, str]]:
         """The files of a message, read, checked and kept (AttachmentStore): text files and PDFs
         as the text the model reads, counted against its context less `reserve` for the reply;
         pictures only for a model that reads them. Refused with a message saying what was wrong."""
@@ -207,10 +207,10 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
                 if kind(name) == "image":
                     image = read_image(path, name, self.limits)
                     self.manager.check_images([user_message("", images=[image])])
-                    ident = self.attachments.put(image.data, image.mime.split("/", 1)[1])
+                    ident = self.attachments.put(image.data, image.mime.split("/", 1)[1], owner)
                 else:
                     got = read_attachment(path, self.manager, self.limits, reserve, name)
-                    ident = self.attachments.put(got.text.encode("utf-8"), "txt")
+                    ident = self.attachments.put(got.text.encode("utf-8"), "txt", owner)
                 kept.append({"id": ident, "name": name})
         except BackendError as e:
             raise gr.Error(str(e), print_exception=False) from e

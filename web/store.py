@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
 import sqlite3
 import threading
 from contextlib import closing
@@ -82,22 +84,26 @@ class ConversationStore:
 class AttachmentStore:
     """What people attached to messages, kept by content in a folder of the state folder: a
     picture as it was sent, a text file or PDF as the text the model reads. A conversation (in
-    the browser or SQLite) names an attachment by its file name here, the sha256 of its bytes
-    and a suffix, so a saved chat stays small and an attachment is never stored twice. A name
-    from a page is hostile input: only names of that exact shape are looked up. The folder is
-    held to `budget_bytes`; past it the files used longest ago go first."""
+    the browser or SQLite) names an attachment by its file name here, so a saved chat stays small
+    and an attachment is never stored twice for one owner. A name is an HMAC (keyed with the
+    server's `secret`) of its owner's key and its bytes, then a suffix: knowing a file's content
+    does not give its name, so nobody can look up (or learn that someone has) a file they did
+    not attach. A name from a page is hostile input: only names of that exact shape are looked
+    up. The folder is held to `budget_bytes`; past it the files used longest ago go first."""
 
     NAME = re.compile(r"[0-9a-f]{64}\.(?:png|jpe?g|webp|gif|bmp|txt)")
 
-    def __init__(self, folder: Path, budget_bytes: int = 2 * 1024**3) -> None:
+    def __init__(self, folder: Path, secret: str = "", budget_bytes: int = 2 * 1024**3) -> None:
         self.folder = Path(folder)
+        self._secret = (secret or secrets.token_hex(32)).encode()
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.budget_bytes = budget_bytes
         self._lock = threading.Lock()
 
-    def put(self, data: bytes, suffix: str) -> str:
-        """Keep `data`; its name here."""
-        name = f"{hashlib.sha256(data).hexdigest()}.{suffix.lstrip('.').lower()}"
+    def put(self, data: bytes, suffix: str, owner: str = "") -> str:
+        """Keep `data` for `owner` (a login, or a browser's own random key); its name here."""
+        digest = hmac.new(self._secret, owner.encode() + b"\0" + hashlib.sha256(data).digest(), "sha256")
+        name = f"{digest.hexdigest()}.{suffix.lstrip('.').lower()}"
         if not self.NAME.fullmatch(name):
             raise ValueError(f"Cannot keep a .{suffix} attachment.")
         path = self.folder / name
