@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 from . import register
-from .base import BackendError, Cancel, GenerationParams, ImageData, Message, ModelSpec, ProgressFn, Prompt, Usage
+from .base import BackendError, Cancel, ParamError, GenerationParams, ImageData, Message, ModelSpec, ProgressFn, Prompt, Usage
 from .hub import download
 from .llamacpp_engine import BatchEngine, Media
 from .llamacpp_lib import Context, Lib, Model, Projector
@@ -207,6 +207,8 @@ class LlamaCppBackend(LocalEngine):
                     yield data[0], data[1]
                 elif kind == "error":
                     raise BackendError(data[0])
+                elif kind == "refused":  # it can never fit: the request's fault, not the engine's
+                    raise ParamError(data[0])
                 else:  # done
                     return
         finally:

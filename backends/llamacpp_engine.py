@@ -45,6 +45,8 @@ from .llamacpp_lib import NO_KV_SLOT, Batch, Context, Lib, Model, Sampler, decod
 log = logging.getLogger(__name__)
 PENALTY_LAST_N = 64  # as llama-cpp-python's create_completion
 PREFILL_CHUNK = 256  # prompt tokens read per step, so a long prompt does not stall other replies
+AGING_STEPS = 4  # every this many steps the prompt waiting longest is read first (no prompt starves)
+PASS_S = 5.0  # a request that fits the KV cache may start before an earlier one that does not, for so long
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Request:
     cancelled: Cancel = field(default_factory=Cancel)  # the reply's own stop switch
     cached: int = 0  # prompt tokens reused from this owner's own cache, set on admission
     abandoned: threading.Event = field(default_factory=threading.Event)  # its consumer went away
+    arrived: float = field(default_factory=time.monotonic)
 
     def cancel(self) -> None:
         """The consumer stops reading (its round ended, or it was closed): free the slot."""
@@ -99,10 +102,11 @@ class BatchEngine:
         # after 1,800 cached ones costs 1.56x the same read at the start with it, 1.80x without.
         self.ctx: Context = lib.context(model, cells=kv_cells, n_batch=n_batch, sequences=slots, threads=n_threads)
         self.batch: Batch = self.ctx.batch()
-        self.n_ctx, self.n_batch, self.n_vocab = n_ctx, n_batch, model.n_vocab
+        self.n_ctx, self.n_batch, self.n_vocab, self.kv_cells = n_ctx, n_batch, model.n_vocab, kv_cells
         self.slots = [Slot(seq=i) for i in range(slots)]
         self.inbox: "queue.Queue[Request | None]" = queue.Queue()
         self.waiting: list[Request] = []
+        self._steps = 0  # decode steps so far (AGING_STEPS counts them)
         self.failure = ""  # why the engine thread stopped, if it died
         self._stop = False
         self.thread = threading.Thread(target=self._run, name="llamacpp-engine", daemon=True)
@@ -189,11 +193,47 @@ class BatchEngine:
         except queue.Empty:
             pass
         self.waiting = [r for r in self.waiting if not r.stopped]
-        while self.waiting:
-            slot = self._pick_slot(self.waiting[0])
+        while self._admit_one():
+            pass
+
+    def _admit_one(self) -> bool:
+        """Start the first waiting request whose prompt and whole reply fit the KV cache (idle
+        conversations' caches are dropped for it first, least recently used first). A request
+        that does not fit yet waits, never failing a batch or a reply in flight; later ones that
+        fit may start before it for PASS_S, then they wait too, so the cells it needs come free."""
+        now = time.monotonic()
+        for i, request in enumerate(self.waiting):
+            cells = len(request.ids) + request.params.max_new_tokens + self.n_batch
+            if cells > self.kv_cells:
+                self.waiting.pop(i)
+                request.out.put(("refused", f"This reply needs {cells:,} cells of the KV cache (its prompt, "
+                                            f"max_new_tokens and a batch), more than the engine's {self.kv_cells:,}; "
+                                            "lower max_new_tokens or shorten the conversation."))
+                return True
+            if i and now - self.waiting[0].arrived > PASS_S:
+                return False
+            slot = self._pick_slot(request)
             if slot is None:
-                return
-            self._start(slot, self.waiting.pop(0))
+                return False
+            if self._make_room(request, slot):
+                self._start(slot, self.waiting.pop(i))
+                return True
+        return False
+
+    def _make_room(self, request: Request, slot: Slot) -> bool:
+        """Whether `request` on `slot` fits the cache with every reply in flight at its longest,
+        after dropping idle caches as needed."""
+        held = sum(len(s.ids) + len(s.pending) + max(0, s.request.params.max_new_tokens - s.generated)
+                   for s in self.slots if s.request is not None)
+        keep = self._reusable(slot, request)
+        need = len(request.ids) - keep + request.params.max_new_tokens
+        idle = sorted((s for s in self.slots if s.request is None and s.ids and s is not slot),
+                      key=lambda s: s.last_used)
+        while held + keep + need + sum(len(s.ids) for s in idle) + self.n_batch > self.kv_cells:
+            if not idle:
+                return False
+            self._forget(idle.pop(0))
+        return True
 
     @staticmethod
     def _reusable(slot: Slot, request: Request) -> int:
@@ -273,24 +313,35 @@ class BatchEngine:
                 self._finish(slot, "cancelled")
 
     def _step(self) -> None:
-        """One llama_decode over every live slot: a token each, or a chunk of prompt."""
+        """One llama_decode over every live slot, within `n_batch` tokens: first a token for each
+        reply that is writing (what people watch), then prompts, the shortest left first (a short
+        question, or a turn mostly cached, is read in one step while long documents are read a
+        chunk at a time around it); every AGING_STEPS-th step the prompt that arrived first goes
+        first, so a long prompt keeps moving however many short ones come."""
         self.batch.reset()
+        self._steps += 1
         rows: list[tuple[Slot, int]] = []  # (slot, batch row whose logits to sample)
-        for slot in self.slots:
-            budget = self.n_batch - len(self.batch)
-            if slot.request is None or budget == 0:
-                continue
-            if slot.pending:
-                text = self._text_ahead(slot)
-                if not text:  # a picture chunk comes next: read alone, this step
-                    self._read_media(slot)
-                    continue
-                chunk = slot.pending[: min(PREFILL_CHUNK, budget, text)]
-                row = self._add(slot, chunk, logits_last=len(chunk) == len(slot.pending))
-                if not slot.pending:
-                    rows.append((slot, row))
-            else:
+        live = [s for s in self.slots if s.request is not None]
+        for slot in live:
+            if not slot.pending:
                 rows.append((slot, self._add(slot, [slot.next_token], logits_last=True)))
+        reading = sorted((s for s in live if s.pending), key=lambda s: len(s.pending))
+        if len(reading) > 1 and self._steps % AGING_STEPS == 0:
+            oldest = min(reading, key=lambda s: s.request.arrived)
+            reading.remove(oldest)
+            reading.insert(0, oldest)
+        for slot in reading:
+            budget = self.n_batch - len(self.batch)
+            if budget <= 0:
+                break
+            text = self._text_ahead(slot)
+            if not text:  # a picture chunk comes next: read alone, this step
+                self._read_media(slot)
+                continue
+            chunk = slot.pending[: min(PREFILL_CHUNK, budget, text)]
+            row = self._add(slot, chunk, logits_last=len(chunk) == len(slot.pending))
+            if not slot.pending:
+                rows.append((slot, row))
         if not len(self.batch) or not self._decode():
             return
         for slot, row in rows:

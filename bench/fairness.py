@@ -1,0 +1,194 @@
+"""Fair under load: the "noisy neighbour" scenario, Confab beside its peers, on the embedded model.
+
+    python bench/fairness.py [--llama-server PATH] [--seconds 40]
+    -> bench/results/fairness.json and a table on stdout
+
+Four heavy clients send ~4,000-token prompts back to back while one light client asks a short
+question every 3 s, all through the OpenAI-compatible streaming API. Measured: the light
+question's time to first token (p50 / p95 / max), and the heavy clients' prompt tokens read per
+second with the light client and without it. The same load runs against llama-cpp-python's
+`llama_cpp.server` and, given `--llama-server`, llama.cpp's own C++ server (8 slots, a unified KV
+cache of 16k cells, like Confab's engine). Each heavy prompt starts with its own number, so no
+server can answer it from a cache of the others.
+
+Not a test: it measures and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from backends.locate import embedded_gguf  # noqa: E402
+
+PARAGRAPH = ("The harbour town kept its records in a long ledger: ships in and out, the weather, the price of "
+             "salt and rope, and who owed whom. Clerk {n} copied page {n} twice, once for the mayor and once "
+             "for the archive, and wrote the tide tables beside them. ")
+HEAVY_CLIENTS = 4
+LIGHT_EVERY_S = 3.0
+QUESTION = "What is the capital of France? One word."
+
+
+def heavy_prompt(n: int, paragraphs: int = 62) -> str:
+    """~4,000 tokens of the embedded model, unique from its first line."""
+    return f"Document {n} ({random.random():.6f}).\n" + "".join(PARAGRAPH.format(n=f"{n}-{i}")
+                                                             for i in range(paragraphs)) + "\nSummarise it."
+
+
+def stream(url: str, content: str, max_tokens: int, timeout: float = 300) -> dict:
+    """One streamed chat completion: time to first content, and whether it ended well."""
+    body = {"model": "any", "messages": [{"role": "user", "content": content}], "stream": True,
+            "max_tokens": max_tokens, "temperature": 0}
+    start = time.perf_counter()
+    first = None
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout) as r:
+        if r.status_code != 200:
+            r.read()
+            return {"ok": False, "status": r.status_code, "error": r.text[:200]}
+        for line in r.iter_lines():
+            if line.startswith("data:") and first is None and '"content"' in line and '"content":""' not in line:
+                first = time.perf_counter() - start
+    return {"ok": first is not None, "ttft_s": first, "total_s": time.perf_counter() - start}
+
+
+def load(url: str, seconds: float, light: bool, prompt_tokens: int) -> dict:
+    """Heavy clients back to back for `seconds` (and the light one, if `light`)."""
+    stop = time.perf_counter() + seconds
+    heavy_done, light_ttft, errors = [], [], []
+    lock = threading.Lock()
+
+    def heavy(lane: int) -> None:
+        n = 0
+        while time.perf_counter() < stop:
+            n += 1
+            r = stream(url, heavy_prompt(lane * 1000 + n), 8)
+            with lock:
+                (heavy_done if r["ok"] else errors).append(r)
+
+    def light_client() -> None:
+        while time.perf_counter() < stop:
+            asked = time.perf_counter()
+            r = stream(url, QUESTION, 8)
+            with lock:
+                (light_ttft if r["ok"] else errors).append(r["ttft_s"] if r["ok"] else r)
+            time.sleep(max(0.0, LIGHT_EVERY_S - (time.perf_counter() - asked)))
+
+    threads = [threading.Thread(target=heavy, args=(i,)) for i in range(HEAVY_CLIENTS)]
+    if light:
+        threads.append(threading.Thread(target=light_client))
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    out = {"heavy_replies": len(heavy_done), "heavy_prompt_tokens_per_s": round(len(heavy_done) * prompt_tokens / wall),
+           "errors": len(errors), "wall_s": round(wall, 1)}
+    if light and light_ttft:
+        ttfts = sorted(light_ttft)
+        out.update(light_n=len(ttfts), light_ttft_p50_s=round(statistics.median(ttfts), 2),
+                   light_ttft_p95_s=round(ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))], 2),
+                   light_ttft_max_s=round(ttfts[-1], 2))
+    return out
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(url)
+
+
+def serve(name: str, seconds: float, prompt_tokens: int, llama_server: str | None) -> dict:
+    from conftest import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    gguf = str(embedded_gguf())
+    threads = str(len(os.sched_getaffinity(0)))
+    command = {
+        "confab": [sys.executable, str(ROOT / "app.py"), "--port", str(port)],
+        "llama_cpp.server": [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
+                             "--n_ctx", "16384", "--n_threads", threads],
+        "llama-server": [llama_server or "", "-m", gguf, "--port", str(port), "-c", "16384", "-np", "8",
+                         "-t", threads, "--kv-unified"],
+    }[name]
+    env = {**os.environ, "CONFAB_STATE_DIR": f"/tmp/confab-fairness-{port}", "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
+    try:
+        wait_ready(url, proc)
+        stream(url, QUESTION, 4)  # warm
+        result = {"alone": load(url, seconds, False, prompt_tokens)} if name == "confab" else {}
+        result["with_light"] = load(url, seconds, True, prompt_tokens)
+        return result
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def table(r: dict) -> str:
+    rows = ["| server | light TTFT p50 / p95 / max | heavy prompt tok/s with light (alone) | errors |",
+            "| --- | --- | --- | ---: |"]
+    for name, x in r["servers"].items():
+        w = x["with_light"]
+        alone = f" ({x['alone']['heavy_prompt_tokens_per_s']:,}, ratio {x['heavy_ratio']:.2f})" if "alone" in x else ""
+        ttft = (f"{w['light_ttft_p50_s']} / {w['light_ttft_p95_s']} / {w['light_ttft_max_s']} s"
+                if "light_ttft_p50_s" in w else "no answer")
+        rows.append(f"| {name} | {ttft} | {w['heavy_prompt_tokens_per_s']:,}{alone} | {w['errors']} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="The noisy-neighbour benchmark (see the module docstring).")
+    ap.add_argument("--seconds", type=float, default=40.0, help="how long each load runs")
+    ap.add_argument("--llama-server", help="path of llama.cpp's llama-server binary, to compare with it too")
+    ap.add_argument("--skip-peers", action="store_true", help="Confab only")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fairness.json")
+    args = ap.parse_args()
+    from bench.bench import tokens_of
+
+    prompt_tokens = tokens_of(heavy_prompt(0))
+    names = ["confab"] + ([] if args.skip_peers else ["llama_cpp.server"]) + (["llama-server"] if args.llama_server else [])
+    result = {"machine": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform()},
+              "date": time.strftime("%Y-%m-%d"), "heavy_prompt_tokens": prompt_tokens, "seconds": args.seconds,
+              "servers": {}}
+    for name in names:
+        print(f"{name} ...", flush=True)
+        x = serve(name, args.seconds, prompt_tokens, args.llama_server)
+        if "alone" in x:
+            x["heavy_ratio"] = round(x["with_light"]["heavy_prompt_tokens_per_s"]
+                                     / max(1, x["alone"]["heavy_prompt_tokens_per_s"]), 2)
+        result["servers"][name] = x
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(table(result))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
