@@ -203,11 +203,11 @@ class BatchEngine:
         fit may start before it for PASS_S, then they wait too, so the cells it needs come free."""
         now = time.monotonic()
         for i, request in enumerate(self.waiting):
-            cells = len(request.ids) + request.params.max_new_tokens + self.n_batch
+            cells = len(request.ids) + request.params.max_new_tokens
             if cells > self.kv_cells:
                 self.waiting.pop(i)
-                request.out.put(("refused", f"This reply needs {cells:,} cells of the KV cache (its prompt, "
-                                            f"max_new_tokens and a batch), more than the engine's {self.kv_cells:,}; "
+                request.out.put(("refused", f"This reply needs {cells:,} cells of the KV cache (its prompt and "
+                                            f"max_new_tokens), more than the engine's {self.kv_cells:,}; "
                                             "lower max_new_tokens or shorten the conversation."))
                 return True
             if i and now - self.waiting[0].arrived > PASS_S:
@@ -229,7 +229,8 @@ class BatchEngine:
         need = len(request.ids) - keep + request.params.max_new_tokens
         idle = sorted((s for s in self.slots if s.request is None and s.ids and s is not slot),
                       key=lambda s: s.last_used)
-        while held + keep + need + sum(len(s.ids) for s in idle) + self.n_batch > self.kv_cells:
+        # llama.cpp places a batch in any free cells (find_slot without `cont`): no headroom is needed.
+        while held + keep + need + sum(len(s.ids) for s in idle) > self.kv_cells:
             if not idle:
                 return False
             self._forget(idle.pop(0))

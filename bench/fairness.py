@@ -50,19 +50,35 @@ def heavy_prompt(n: int, paragraphs: int = 62) -> str:
                                                              for i in range(paragraphs)) + "\nSummarise it."
 
 
-def stream(url: str, content: str, max_tokens: int, timeout: float = 300) -> dict:
+MODEL = {}  # the model id each server names (Confab checks it)
+
+
+def _says_something(data: str) -> bool:
+    """Whether a streamed event carries text of the reply (not the role, not an empty delta)."""
+    try:
+        event = json.loads(data)
+    except ValueError:
+        return False  # [DONE]
+    choices = event.get("choices") or [{}]
+    return bool((choices[0].get("delta") or {}).get("content"))
+
+
+def stream(url: str, content: str, max_tokens: int, timeout: float = 600) -> dict:
     """One streamed chat completion: time to first content, and whether it ended well."""
-    body = {"model": "any", "messages": [{"role": "user", "content": content}], "stream": True,
+    body = {"model": MODEL.get(url, "any"), "messages": [{"role": "user", "content": content}], "stream": True,
             "max_tokens": max_tokens, "temperature": 0}
     start = time.perf_counter()
     first = None
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout) as r:
-        if r.status_code != 200:
-            r.read()
-            return {"ok": False, "status": r.status_code, "error": r.text[:200]}
-        for line in r.iter_lines():
-            if line.startswith("data:") and first is None and '"content"' in line and '"content":""' not in line:
-                first = time.perf_counter() - start
+    try:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout) as r:
+            if r.status_code != 200:
+                r.read()
+                return {"ok": False, "status": r.status_code, "error": r.text[:200]}
+            for line in r.iter_lines():
+                if first is None and line.startswith("data:") and _says_something(line[5:]):
+                    first = time.perf_counter() - start
+    except httpx.HTTPError as e:  # counted as an error of the server under test
+        return {"ok": False, "error": repr(e)[:200]}
     return {"ok": first is not None, "ttft_s": first, "total_s": time.perf_counter() - start}
 
 
@@ -81,9 +97,11 @@ def load(url: str, seconds: float, light: bool, prompt_tokens: int) -> dict:
                 (heavy_done if r["ok"] else errors).append(r)
 
     def light_client() -> None:
+        time.sleep(LIGHT_EVERY_S)  # the heavy prompts are being read by then
+        k = 0
         while time.perf_counter() < stop:
-            asked = time.perf_counter()
-            r = stream(url, QUESTION, 8)
+            asked, k = time.perf_counter(), k + 1
+            r = stream(url, f"Question {k}. {QUESTION}", 8)  # a new question: nothing of it is cached
             with lock:
                 (light_ttft if r["ok"] else errors).append(r["ttft_s"] if r["ok"] else r)
             time.sleep(max(0.0, LIGHT_EVERY_S - (time.perf_counter() - asked)))
@@ -139,7 +157,8 @@ def serve(name: str, seconds: float, prompt_tokens: int, llama_server: str | Non
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
     try:
         wait_ready(url, proc)
-        stream(url, QUESTION, 4)  # warm
+        MODEL[url] = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        stream(url, f"Hello {random.random()}", 4)  # warm, as nobody of the load
         result = {"alone": load(url, seconds, False, prompt_tokens)} if name == "confab" else {}
         result["with_light"] = load(url, seconds, True, prompt_tokens)
         return result
@@ -170,7 +189,7 @@ def main() -> None:
     ap.add_argument("--skip-peers", action="store_true", help="Confab only")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fairness.json")
     args = ap.parse_args()
-    from bench.bench import tokens_of
+    from bench import tokens_of  # bench/bench.py, beside this file
 
     prompt_tokens = tokens_of(heavy_prompt(0))
     names = ["confab"] + ([] if args.skip_peers else ["llama_cpp.server"]) + (["llama-server"] if args.llama_server else [])

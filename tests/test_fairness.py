@@ -98,7 +98,7 @@ def test_replies_wait_for_kv_room_instead_of_failing_and_a_small_one_passes_them
         assert len(times) == 5 and all(times.values()), times  # every one answered: none failed
         waited = sorted(times[i] for i in range(4))[2:]  # the two that had to wait for room
         assert times["small"] < min(waited), times
-        never = engine.submit(prompt(60, 1900), GenerationParams(max_new_tokens=100), owner="huge")
+        never = engine.submit(prompt(60, 2000), GenerationParams(max_new_tokens=100), owner="huge")
         kind, message = never.out.get(timeout=30)
         assert kind == "refused" and "more than the engine's 2,048" in message
     finally:
