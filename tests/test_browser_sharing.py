@@ -41,9 +41,12 @@ def test_the_chat_survives_a_server_restart(browser, tmp_path):
     try:
         context = browser.new_context(viewport={"width": 1400, "height": 900})
         page = open_page(context, app.url)
+        before = page.evaluate("localStorage.getItem('confab-chat')")
         send(page, "What is the capital of France? Answer in one sentence.")
         wait_done(page)
         assert "Paris" in texts(page, BOT)[-1]
+        # The browser's copy is written by the event after the reply: the server stops only then.
+        page.wait_for_function("b => localStorage.getItem('confab-chat') !== b", arg=before, timeout=15_000)
     finally:
         app.stop()
     app = RunningApp("--state-dir", str(state), port=port)  # same address: the browser's storage is per origin
