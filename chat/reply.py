@@ -145,7 +145,7 @@ class Reply:
                 self.finish_reason = "cancelled"
 
     def _rounds_loop(self) -> Iterator[Text | Thinking | Waiting | ToolStep]:
-        messages, params, schemas = self._setup()
+        messages, params, schemas = self.engine_input()
         known = set(self.tools.tools if self.tools else ()) | {t["function"]["name"] for t in self.client_tools or ()
                                                                 if isinstance(t.get("function"), dict)}
         for round_no in range(self.max_rounds + 1):
@@ -209,8 +209,9 @@ class Reply:
             yield self._say(visible)
         return answer
 
-    def _setup(self) -> tuple[list[Message], GenerationParams, list[dict[str, Any]] | None]:
-        """The conversation, parameters and `tools=` for the engine, with the tools described."""
+    def engine_input(self) -> tuple[list[Message], GenerationParams, list[dict[str, Any]] | None]:
+        """The conversation, parameters and `tools=` for the engine, with the tools described (the prompt
+        view shows exactly this)."""
         if not self.tools and not self.client_tools:
             return self.messages, self.params, None
         schemas = [*(self.tools.schemas() if self.tools else []), *(self.client_tools or [])]

@@ -111,7 +111,7 @@ def test_a_pdf_and_a_picture_go_to_the_model_and_stay_in_the_conversation(handle
     chat = clean_history(last[1])
     said = chat[0]
     assert said["content"] == "What is the secret word?" and said[ATTACHED][0]["name"] == "report.pdf"
-    message = handlers.user_message(said)
+    message = handlers.model_message(said)
     assert message.content.startswith('<file name="report.pdf">\nThe secret word is tangerine.\n</file>')
     assert message.content.endswith("What is the secret word?")
     shown = last[1][0]["content"]  # the page gets the file (from the store) before the text
@@ -128,13 +128,13 @@ def test_a_pdf_and_a_picture_go_to_the_model_and_stay_in_the_conversation(handle
 
 def test_pictures_become_image_data_for_a_vision_model(handlers):
     name = handlers.attachments.put(picture(5).data, "png")
-    message = handlers.user_message({"role": "user", "content": "what?", ATTACHED: [{"id": name, "name": "p.png"}]})
+    message = handlers.model_message({"role": "user", "content": "what?", ATTACHED: [{"id": name, "name": "p.png"}]})
     assert message.content == "what?" and message.images[0].width == 40
-    gone = handlers.user_message({"role": "user", "content": "hm", ATTACHED: [{"id": "cd" * 32 + ".png",
+    gone = handlers.model_message({"role": "user", "content": "hm", ATTACHED: [{"id": "cd" * 32 + ".png",
                                                                              "name": "old.png"}]})
     assert "old.png: no longer kept" in gone.content and not gone.images
     chat = [{"role": "user", "content": "what?", ATTACHED: [{"id": name, "name": "p.png"}]}]
-    assert to_messages(chat, None, user=handlers.user_message)[0].images
+    assert to_messages(chat, None, user=handlers.model_message)[0].images
     assert to_messages(chat, None) == [Message("user", "what?")]  # without a reader: text only
     page = for_page(chat, handlers.page_file)
     assert page[0]["content"][0]["file"]["mime_type"] == "image/png"

@@ -216,7 +216,7 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
             raise gr.Error(str(e), print_exception=False) from e
         return kept
 
-    def user_message(self, m: dict[str, Any]) -> Message:
+    def model_message(self, m: dict[str, Any]) -> Message:
         """A user message with attachments as the model reads it: the files' text, then what was
         typed; the pictures beside it. An attachment the store no longer has is named instead."""
         files, images = [], []
@@ -273,7 +273,7 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
         reply is a new version in the conversation's tree (or, continuing, the same one, longer)."""
         owner = _owner(request)
         try:
-            messages = to_messages(history, system_prompt, tool_format(self.manager), self.user_message)
+            messages = to_messages(history, system_prompt, tool_format(self.manager), self.model_message)
             check_images(messages, self.limits)  # --max-images in one conversation
         except BackendError as e:
             raise gr.Error(str(e), print_exception=False) from e
@@ -472,7 +472,7 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
         system_prompt = _text(system_prompt)
         name = f"confab-chat-{time.strftime('%Y%m%d-%H%M%S')}.json"
         chat = self._checked(history, system_prompt)
-        return str(self.state.export(name, export_json(chat, system_prompt, self.user_message)))
+        return str(self.state.export(name, export_json(chat, system_prompt, self.model_message)))
 
     @shown
     def import_chat(self, file: str | None, book: Any = None, request: gr.Request = None):

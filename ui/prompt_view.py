@@ -34,7 +34,8 @@ CSS = """
 
 
 class PromptView:
-    """A base of `Handlers` (ui/handlers.py): its `_checked`, `_controls` and `manager` are used."""
+    """A base of `Handlers` (ui/handlers.py): its `_checked`, `_controls`, `model_message` and `manager`
+    are used."""
 
     @shown
     def prompt_view(self, request: gr.Request, history: Any, system_prompt: Any, *values: Any) -> str:
@@ -44,10 +45,10 @@ class PromptView:
         system_prompt = text_input(system_prompt, "The system prompt")
         chat = self._checked(history, system_prompt)
         params, toolset = self._controls(values)
-        # Attached files as a reply reads them (Handlers.user_message: their text and pictures).
-        messages = to_messages(chat, system_prompt, tool_format(self.manager), getattr(self, "user_message", None))
+        # Attached files as a reply reads them (Handlers.model_message: their text and pictures).
+        messages = to_messages(chat, system_prompt, tool_format(self.manager), self.model_message)
         # The tools described as a reply describes them (in the template, or in the system prompt).
-        messages, params, schemas = self.manager.reply(messages, params, tools=toolset)._setup()
+        messages, params, schemas = self.manager.reply(messages, params, tools=toolset).engine_input()
         view = self.manager.render_prompt(messages, params, schemas)
         continuing = bool(messages) and messages[-1].role == "assistant"
         return prompt_html(view, continuing)
