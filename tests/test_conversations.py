@@ -4,6 +4,7 @@ over a named fake engine: versions kept, limits counted over every version."""
 
 import json
 import sqlite3
+import time
 
 import gradio as gr
 import pytest
@@ -176,3 +177,30 @@ def test_a_browser_book_near_what_a_browser_keeps_warns_before_it_fails(handlers
     with pytest.warns(UserWarning, match="export and delete old chats"):
         saved = handlers.persist(book, None)
     assert saved["conversations"][0]["id"] == conv["id"]  # still kept: a warning, never a loss
+
+
+def test_a_stop_that_reaches_the_server_before_its_send_stops_it_when_it_begins(handlers):
+    """A Send can wait in Gradio's queue (a busy server) while its Stop, which never waits, is
+    already handled: the page names each Send, and a named Send a Stop came for ends at once."""
+    from types import SimpleNamespace
+
+    from ui.conversations import empty_book
+
+    page = SimpleNamespace(username=None, session_hash="page-1")
+    book = empty_book()
+    start = time.monotonic()
+    handlers.stop("send-a", request=page)  # nothing of this session runs yet
+    assert time.monotonic() - start < 0.1  # a named Stop does not wait for it
+    *_, last = handlers.respond("Hi", [], "", *VALUES, book, "send-a", request=page)
+    assert "stopped" in last[2]
+    assert [m["role"] for m in clean_history(last[1])] == ["user"]  # the question stays; no reply
+    # The next Send is another name: answered in full, and so is a Regenerate named anew.
+    *_, last = handlers.respond("Hi again", clean_history(last[1]), "", *VALUES, book, "send-b", request=page)
+    assert "stopped" not in last[2] and clean_history(last[1])[-1]["role"] == "assistant"
+    # A Stop for a Regenerate not yet begun stops it the same way; other sessions are untouched.
+    handlers.stop("send-c", request=page)
+    *_, other = handlers.respond("Hi", [], "", *VALUES, empty_book(), "send-c",
+                                 request=SimpleNamespace(username=None, session_hash="page-2"))
+    assert "stopped" not in other[2]
+    *_, last = handlers.regenerate(page, clean_history(last[1]), "", book, *VALUES, "send-c")
+    assert "stopped" in last[2]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 REPLY_OUTPUTS = 7  # input, chat, status, book, conversations, versions, continue
 FRAME_S = 0.04  # shortest time between two streamed updates of the page (25 per second)
 SETTLE_S = 2.0  # how long an action waits for the reply it stopped to hand back its chat
+STOPPED_KEPT = 4  # Sends a Stop named before they began, remembered per session
+STOPPED_SESSIONS = 10_000  # ... in this many sessions at most
 STOP_WAIT_S = 0.25  # how long a Stop waits for a reply its Send has not begun (both are queued: ms apart)
 CHECKPOINT_S = 2.0  # a login's reply is written to the server this often while it streams
 
@@ -84,6 +87,8 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
         self._page_files = {}  # attachment -> its copy in Gradio's cache (ConversationPanel.page_file)
         self._live: dict[str, _Live] = {}  # the reply streaming in each browser session
         self._live_lock = threading.Lock()
+        # Per session, the last Sends a Stop named before they began (`stop`); a few are enough.
+        self._stopped: dict[str, deque[str]] = {}
 
     # ---- replies -------------------------------------------------------------------------
     def respond(
@@ -103,10 +108,12 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
         thinking: Any = None,
         use_tools: bool = True,
         book: Any = None,
+        send_id: Any = "",
         request: gr.Request = None,
     ) -> Iterator[tuple]:
         """Send: show the user's message at once, then stream the reply. Outputs: REPLY_OUTPUTS.
-        `message` is the message box's {"text", "files"} (or, from the API, text)."""
+        `message` is the message box's {"text", "files"} (or, from the API, text); `send_id` is
+        the page's name for this Send, which a Stop pressed before it began names (see `stop`)."""
         values = (temperature, top_p, top_k, min_p, max_new_tokens, repetition_penalty, do_sample, seed, stop, thinking)
         text, files = _message(message)
         system_prompt = _text(system_prompt)
@@ -122,7 +129,7 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
         if files:
             said[ATTACHED] = self._attach(files, params.max_new_tokens, self.owner_key(book, request))
         yield from self._reply(history, system_prompt, params, request, self._toolset(use_tools),
-                               _Target(as_book(book), (*values, use_tools)), clear_input=True)
+                               _Target(as_book(book), (*values, use_tools), _send_id(send_id)), clear_input=True)
 
     # Gradio fills annotated Request/EditData parameters only before a *args, hence their place.
     # `values` is the sampling controls in PARAM_FIELDS order, then the "Use tools" box.
@@ -137,7 +144,7 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
             yield (gr.skip(),) * REPLY_OUTPUTS
             return
         params, toolset = self._controls(values)
-        yield from self._reply(history, system_prompt, params, request, toolset, _Target(as_book(book), values))
+        yield from self._reply(history, system_prompt, params, request, toolset, _target(book, values))
 
     def continue_reply(self, request: gr.Request, history: list[dict], system_prompt: str, book: Any,
                        *values: Any):
@@ -150,7 +157,7 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
             yield (gr.skip(),) * REPLY_OUTPUTS
             return
         params, toolset = self._controls(values)
-        yield from self._reply(history, system_prompt, params, request, toolset, _Target(as_book(book), values),
+        yield from self._reply(history, system_prompt, params, request, toolset, _target(book, values),
                                continuing=True)
 
     def edit(self, request: gr.Request, edit: gr.EditData, history: list[dict], system_prompt: str, book: Any,
@@ -168,7 +175,7 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
             said[ATTACHED] = files  # the text was edited; its files stay
         history = self._checked(history[:index], system_prompt, extra=[said])
         params, toolset = self._controls(values)
-        yield from self._reply(history, system_prompt, params, request, toolset, _Target(as_book(book), values))
+        yield from self._reply(history, system_prompt, params, request, toolset, _target(book, values))
 
     def _checked(self, history: Any, system_prompt: str, extra: list[dict] = (),
                  new_files: list[str] = ()) -> list[dict]:
@@ -288,7 +295,7 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
             node, start = cv.add_reply(conv), len(history)
         conv["nodes"][node].pop("finish", None)
         reply = self.manager.reply(messages, params, owner, tools=toolset)
-        live = _Live(reply, list(history), conv, node, start)
+        live = _Live(reply, list(history), conv, node, start, target.send)
         with self._live_lock:
             if owner is not None:
                 # Two Sends at once (a double Enter): the older is stopped, never left untracked.
@@ -296,6 +303,9 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
                 if older is not None:
                     older.reply.cancel()
                 self._live[owner] = live
+                if target.send and target.send in (stopped := self._stopped.get(owner, ())):
+                    stopped.remove(target.send)
+                    reply.cancel()  # its Stop came first (it waited in the queue): it ends at once, stopped
         try:
             yield from self._stream(live, target.book, request, clear_input, continuing)
         finally:
@@ -398,14 +408,28 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
             return self._status_line(request, reply.usage, note="cut off at max_new_tokens")
         return self._status_line(request, reply.usage)
 
-    def stop(self, request: gr.Request = None) -> None:
+    def stop(self, send_id: Any = "", request: gr.Request = None) -> None:
         """Stop: cancel this session's reply, and wait (briefly) for it to hand back its chat, so
-        the page gets the stopped reply before Gradio's own cancel, the backstop, is sent. A Stop
-        pressed right after Enter may arrive before the reply has begun: it waits a moment for it."""
+        the page gets the stopped reply before Gradio's own cancel, the backstop, is sent.
+
+        A Stop pressed right after Enter can arrive before its reply has begun (the Send waits in
+        Gradio's queue, behind other users on a busy server, for any time). The page names its
+        last Send (`send_id`): a Send not yet begun is remembered as stopped, and ends, stopped,
+        the moment it begins. Without a name (an API client), it waits a moment for the reply."""
         owner = _owner(request) or ""
-        deadline = time.monotonic() + STOP_WAIT_S
-        while (live := self._live.get(owner)) is None and time.monotonic() < deadline:
+        send = _send_id(send_id)
+        with self._live_lock:
+            live = self._live.get(owner)
+            if send and (live is None or live.send != send):
+                stopped = self._stopped.pop(owner, None) or deque(maxlen=STOPPED_KEPT)
+                stopped.append(send)
+                self._stopped[owner] = stopped  # the newest last: the oldest sessions' are let go
+                if len(self._stopped) > STOPPED_SESSIONS:
+                    del self._stopped[next(iter(self._stopped))]
+        deadline = time.monotonic() + (0 if send else STOP_WAIT_S)
+        while live is None and time.monotonic() < deadline:
             time.sleep(0.02)
+            live = self._live.get(owner)
         if live is not None:
             live.reply.cancel()
             if not live.ended.wait(SETTLE_S):
@@ -486,6 +510,7 @@ class _Target:
 
     book: dict[str, Any]
     values: tuple
+    send: str = ""  # the page's name for the Send, Regenerate, Edit or Continue that asked (see `stop`)
 
 
 @dataclass
@@ -497,9 +522,21 @@ class _Live:
     conv: dict[str, Any]  # the conversation it belongs to
     node: str  # its turn in that conversation's tree
     start: int  # where its messages begin in `shown`
+    send: str = ""  # the page's name for the action that asked for it
     recorded: bool = False
     superseded: bool = False  # stopped by another action of the session, which shows the chat itself
     ended: threading.Event = field(default_factory=threading.Event)
+
+
+def _send_id(value: Any) -> str:
+    """The page's name for a Send (a short random string its script makes); anything else is none."""
+    return value if isinstance(value, str) and 0 < len(value) <= 64 and value.isascii() else ""
+
+
+def _target(book: Any, values: tuple) -> "_Target":
+    """Regenerate, Continue and Edit take the controls (SETTINGS order), then the page's send id."""
+    n = len(SETTINGS)
+    return _Target(as_book(book), tuple(values[:n]), _send_id(values[n]) if len(values) > n else "")
 
 
 def _text(value: Any, what: str = "The system prompt") -> str:

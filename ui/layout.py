@@ -169,6 +169,8 @@ def _chat_column(max_chars: int) -> dict[str, Any]:
         )
         # The Gradio API's /respond takes a plain text message, as before the box took files.
         c["api_message"] = gr.Textbox(visible="hidden", max_length=max_chars, label="message")
+        # The page's name for its last Send (made by NAME_SEND), which its Stop names (STOP_JS).
+        c["send_id"] = gr.Textbox("", visible="hidden", max_length=64, label="send_id")
         c["send"] = gr.Button("Send", elem_id="send", variant="primary", scale=1, min_width=64)
         c["stop"] = gr.Button("Stop", elem_id="stop", variant="stop", scale=1, min_width=64)
     c["status"] = gr.Markdown(elem_id="status")
@@ -259,27 +261,29 @@ def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, controls, sav
     raw = dict(preprocess=False)
     reply_opts = dict(concurrency_limit=concurrency, concurrency_id="reply", show_progress="minimal",
                       trigger_mode="multiple", **raw)
-    send_args = dict(fn=h.respond, inputs=[c["input"], c["chatbot"], system, *controls, book], outputs=reply_out)
+    send_args = dict(fn=h.respond, inputs=[c["input"], c["chatbot"], system, *controls, book, c["send_id"]],
+                     outputs=reply_out)
+    named = dict(js=NAME_SEND)  # each page action that starts a reply names it, for a Stop before it begins
     replies = [
-        c["input"].submit(**send_args, api_name="send_enter", api_visibility="private", **reply_opts),
-        c["send"].click(**send_args, api_name="send_button", api_visibility="private", **reply_opts),
-        c["api_message"].submit(**{**send_args, "inputs": [c["api_message"], *send_args["inputs"][1:]]},
+        c["input"].submit(**send_args, api_name="send_enter", api_visibility="private", **named, **reply_opts),
+        c["send"].click(**send_args, api_name="send_button", api_visibility="private", **named, **reply_opts),
+        c["api_message"].submit(**{**send_args, "inputs": [c["api_message"], *send_args["inputs"][1:-1]]},
                                 api_name="respond", **reply_opts),
     ]
-    again = [c["chatbot"], system, book, *controls]
-    regen_args = dict(fn=h.regenerate, inputs=again, outputs=reply_out)
+    again = [c["chatbot"], system, book, *controls, c["send_id"]]
+    regen_args = dict(fn=h.regenerate, inputs=again, outputs=reply_out, **named)
     replies += [
         c["regenerate"].click(**regen_args, api_name="regenerate", **reply_opts),
         c["chatbot"].retry(**regen_args, api_visibility="private", **reply_opts),
-        c["chatbot"].edit(h.edit, again, reply_out, api_visibility="private", **reply_opts),
-        c["continue"].click(h.continue_reply, again, reply_out, api_name="continue", **reply_opts),
+        c["chatbot"].edit(h.edit, again, reply_out, api_visibility="private", **named, **reply_opts),
+        c["continue"].click(h.continue_reply, again, reply_out, api_name="continue", **named, **reply_opts),
     ]
     for event in replies:
         event.then(h.keep, [book], saved, api_visibility="private", show_progress="hidden")
     # Stop cancels the session's reply on the server, which ends it as stopped (no error) and
     # hands back the chat. Gradio's own cancel is only the backstop, for a reply that did not end
     # in time (stop() then fails): sent every time, it raced the stopped reply's last update.
-    c["stop"].click(h.stop, None, None, api_visibility="private", concurrency_limit=None,
+    c["stop"].click(h.stop, c["send_id"], None, js=STOP_JS, api_visibility="private", concurrency_limit=None,
                     concurrency_id="stop").failure(None, cancels=replies, api_visibility="private")
     edit_out = [c["input"], c["chatbot"], saved, book, *view[1:]]
     undo_args = dict(fn=h.undo, inputs=[c["chatbot"], system, book], outputs=edit_out, **raw)
@@ -313,6 +317,17 @@ def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, controls, sav
     ).then(h.model_panel, None, panel, api_visibility="private").then(
         h.cached_models, None, m["cached"], api_visibility="private"
     ).then(h.tools_box, None, use_tools, api_visibility="private")
+
+
+# A Send, Regenerate, Edit or Continue gets a random name in the page (its last input, `send_id`);
+# Stop sends the last one, so a Stop that reaches the server before its reply has begun still
+# stops it (ui.handlers.Handlers.stop). Not secret: it only names a session's own actions.
+NAME_SEND = """(...values) => {
+    window.confabSend = Date.now().toString(36) + Math.random().toString(36).slice(2, 10);
+    values[values.length - 1] = window.confabSend;
+    return values;
+}"""
+STOP_JS = "() => [window.confabSend || '']"
 
 
 def _example_text(data: gr.SelectData) -> str:
