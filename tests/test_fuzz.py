@@ -127,7 +127,7 @@ def test_malformed_page_payloads_get_a_message(app):
         for name in ("undo", "export", "regenerate", "continue"):
             index, n = fn[name]
             for history in ("str", 5, [None], [{"role": "user", "content": 5}], [[{"deep": [[[]]]}]]):
-                data = {"undo": [history, "", None], "export": [history, ""]}.get(name, [history, "", None, *good[3:14]])
+                data = {"undo": [history, "", None], "export": [history, ""]}.get(name, [history, "", None, *good[3:14], "send-1"])
                 assert len(data) == n, name
                 cases.append((f"{name} history={history!r:.30}", index, data))
         index, n = fn["import"]
@@ -138,8 +138,13 @@ def test_malformed_page_payloads_get_a_message(app):
         box, n = by_trigger(config, "chat-input", "submit")
         for files in ([{"path": "/etc/passwd"}], [{"path": "../../etc/passwd", "meta": {"_type": "gradio.FileData"}}],
                       "x", [5], [{"path": "/tmp"}] * 40, [{"orig_name": "a.png"}]):
-            cases.append((f"box files={files!r:.40}", box, [{"text": "read it", "files": files}, *good[1:]]))
-        cases += [(f"box {v!r:.30}", box, [v, *good[1:]]) for v in ({"text": 5}, {"files": {}}, "plain", [1])]
+            cases.append((f"box files={files!r:.40}", box, [{"text": "read it", "files": files}, *good[1:], "s"]))
+        cases += [(f"box {v!r:.30}", box, [v, *good[1:], "s"]) for v in ({"text": 5}, {"files": {}}, "plain", [1])]
+        assert n == len(good) + 1  # the page names each Send (its last input), for a Stop before it begins
+        cases += [(f"box send id {v!r:.30}", box, [{"text": "hi", "files": []}, *good[1:], v])
+                  for v in (5, None, ["a"], "x" * 100_000, "\ud800", {"a": 1})]
+        stop, n = by_trigger(config, "stop", "click")
+        cases += [(f"stop {v!r:.30}", stop, [v]) for v in (5, None, ["a"], "x" * 100_000, "\ud800", "")]
         index, n = fn["load"]
         for values in ([None, None, None], [5, [], {}], ["no-such-preset", "", "llamacpp"]):
             cases.append((f"load {values!r:.40}", index, values))
