@@ -43,7 +43,7 @@ class Settings:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python app.py",
+        prog="confab" if Path(sys.argv[0]).name == "confab" else "python app.py",  # pip install -e . names it confab
         description="Confab: a web chat for local large language models.",
         epilog="Examples: python app.py | python app.py --preset smollm2-transformers | "
         "python app.py --model ~/models/qwen.gguf --port 8080 | python app.py chat (the terminal chat) | "

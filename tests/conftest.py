@@ -130,6 +130,22 @@ class RunningApp:
 
 
 @pytest.fixture(scope="session")
+def installed(tmp_path_factory) -> Path:
+    """The python of a fresh venv where `pip install -e .` put Confab (as the README says). It
+    sees this machine's packages (--system-site-packages; --no-deps: no rebuild of llama-cpp-python;
+    pip fetches only setuptools to build with), so what it checks is Confab's own packaging: the `confab` command and
+    `import confab` from any directory."""
+    venv = tmp_path_factory.mktemp("venv")
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
+                           "-e", str(ROOT)],
+                          capture_output=True, text=True, timeout=300, cwd=venv)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return python
+
+
+@pytest.fixture(scope="session")
 def app():
     """The real app on the embedded model."""
     running = RunningApp("--concurrency", "1")  # one reply at a time: cancel tests prove the engine was freed
