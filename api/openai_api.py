@@ -36,7 +36,8 @@ from web.policy import Limits
 
 
 class ChatRequest(BaseModel):
-    # OpenAI clients send many optional fields; the ones Confab has no use for are accepted and ignored.
+    # Fields beyond these are refused with a 400 that names them (`refuse_unknown`), unless they
+    # change nothing here (HARMLESS): a client must never believe a setting was applied when it was not.
     model_config = ConfigDict(extra="allow")
 
     model: str = ""
@@ -58,6 +59,58 @@ class ChatRequest(BaseModel):
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's; only enable_thinking is taken
+    presence_penalty: float | None = None  # engines with the "penalties" feature (llama.cpp)
+    frequency_penalty: float | None = None
+    response_format: dict[str, Any] | None = None  # text, json_object, json_schema (llama.cpp: a grammar)
+    logprobs: bool | None = None  # not given here: false or absent only
+    top_logprobs: int | None = None
+    logit_bias: dict[str, Any] | None = None  # not taken: empty or absent only
+    repeat_penalty: float | None = None  # llama.cpp server's and Ollama's name for repetition_penalty
+
+
+# Fields that change nothing in what Confab answers: taken without a word (OpenAI's bookkeeping
+# and caching hints; `user` and `stream_options` are fields above).
+HARMLESS = {"metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "prediction",
+            # vLLM's way of asking for what Confab does by itself with a final assistant message
+            # (backends/openai.py sends them, so one Confab can serve another)
+            "continue_final_message", "add_generation_prompt"}
+
+
+def refuse_unknown(req: ChatRequest) -> None:
+    """A 400 naming the first field Confab would otherwise ignore, or a value of one it cannot give."""
+    extra = dict(req.model_extra or {})
+    if extra.get("modalities") in (["text"], None):
+        extra.pop("modalities", None)
+    unknown = sorted(set(extra) - HARMLESS)
+    if unknown:
+        names = ", ".join(unknown)
+        raise _bad(f"{names} {'is' if len(unknown) == 1 else 'are'} not supported by this server; remove "
+                   f"{'it' if len(unknown) == 1 else 'them'} from the request.", unknown[0])
+    if req.logprobs or req.top_logprobs:
+        raise _bad("logprobs are not given by this server; leave logprobs and top_logprobs out.",
+                   "logprobs" if req.logprobs else "top_logprobs")
+    if req.logit_bias:
+        raise _bad("logit_bias is not supported by this server; leave it out.", "logit_bias")
+
+
+def json_schema_of(response_format: dict[str, Any] | None) -> str:
+    """response_format as the JSON schema (text) the reply must follow; "" for free text."""
+    if not response_format:
+        return ""
+    kind = response_format.get("type")
+    if kind == "text":
+        return ""
+    if kind == "json_object":
+        return json.dumps({"type": "object"})
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise _bad('response_format json_schema must be {"type": "json_schema", "json_schema": {"name": ..., '
+                       '"schema": {...}}}.', "response_format.json_schema")
+        return json.dumps(schema)
+    raise _bad(f'response_format.type must be "text", "json_object" or "json_schema", got {kind!r}.',
+               "response_format.type")
 
 
 class ApiError(Exception):
@@ -201,11 +254,13 @@ def _bad(message: str, param: str | None = None) -> "ApiError":
 def to_params(req: ChatRequest, base: GenerationParams, limits: Limits) -> GenerationParams:
     if req.n != 1:
         raise _bad("Only n=1 is supported: ask again for another answer.", "n")
+    refuse_unknown(req)
     changes: dict[str, Any] = {
         "max_new_tokens": req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
         "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
-        "repetition_penalty": req.repetition_penalty, "seed": req.seed, "stop": req.stop,
-        "thinking": enable_thinking(req.chat_template_kwargs),
+        "repetition_penalty": req.repetition_penalty if req.repetition_penalty is not None else req.repeat_penalty,
+        "seed": req.seed, "stop": req.stop, "thinking": enable_thinking(req.chat_template_kwargs), "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty, "json_schema": json_schema_of(req.response_format) or None,
     }
     changes = {k: v for k, v in changes.items() if v is not None}
     if "temperature" in changes:
@@ -249,16 +304,24 @@ def build_router(manager: ModelManager, model_id: Any, limits: Limits | None = N
                            "invalid_request_error", "model")
         return name
 
+    def model_card() -> dict[str, Any]:
+        info = manager.describe()
+        return {"id": loaded_id(None), "object": "model", "created": 0, "owned_by": "confab",
+                "backend": info.get("backend"), "max_model_len": info.get("n_ctx")}
+
     @router.get("/models")
     def models() -> Any:
         try:
-            if not manager.loaded:
-                return {"object": "list", "data": []}
-            info = manager.describe()
-            return {"object": "list", "data": [{
-                "id": loaded_id(None), "object": "model", "created": 0, "owned_by": "confab",
-                "backend": info.get("backend"), "max_model_len": info.get("n_ctx"),
-            }]}
+            return {"object": "list", "data": [model_card()] if manager.loaded else []}
+        except ApiError as e:
+            return e.response()
+
+    @router.get("/models/{model:path}")
+    def model(model: str) -> Any:
+        """One model (OpenAI's retrieve): the loaded one, by its id or name, else a 404."""
+        try:
+            loaded_id(model or "?")
+            return model_card()
         except ApiError as e:
             return e.response()
 

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant", "tool")
 TOOL_FORMATS = ("hermes", "llama3", "pythonic")  # read and written in chat/formats.py
 MAX_STOP_WORDS, MAX_STOP_CHARS = 16, 1000  # stop words are held back while they may be starting
+MAX_SCHEMA_CHARS = 65_536  # a response_format's JSON schema, as text
 
 
 class BackendError(Exception):
@@ -147,13 +148,21 @@ class GenerationParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     thinking: bool | None = None  # the chat template's `enable_thinking`; None: the template's default
+    # OpenAI's penalties (-2 to 2): subtracted from a token's logit once if it is already in the
+    # reply (presence), or once per time it is (frequency). Only engines that name "penalties"
+    # in their `features` take them (ModelManager refuses them elsewhere).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # The reply must be JSON that this JSON schema (as text) accepts; "" for free text. Only
+    # engines that name "json_schema" in their `features` take it.
+    json_schema: str = ""
 
     def __post_init__(self) -> None:
         # Normalise types first so the checks below compare numbers, not strings.
         object.__setattr__(self, "stop", _as_stop_tuple(self.stop))
         for name, kind in (("max_new_tokens", int), ("top_k", int)):
             object.__setattr__(self, name, _as_number(name, getattr(self, name), kind))
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             object.__setattr__(self, name, _as_number(name, getattr(self, name), float))
         if self.seed is not None:
             object.__setattr__(self, "seed", _as_number("seed", self.seed, int))
@@ -186,8 +195,22 @@ class GenerationParams:
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ParamError(f"seed must be from 0 to 2**63 - 1, got {self.seed}. Leave it empty (or -1 in the page) "
                              "for a random seed.")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ParamError(f"{name} must be from -2 to 2, got {getattr(self, name)}. Use 0 to turn it off.")
+        if not isinstance(self.json_schema, str) or len(self.json_schema) > MAX_SCHEMA_CHARS:
+            raise ParamError(f"json_schema must be a JSON schema as text of at most {MAX_SCHEMA_CHARS:,} characters.")
         if len(self.stop) > MAX_STOP_WORDS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
             raise ParamError(f"Give at most {MAX_STOP_WORDS} stop words of at most {MAX_STOP_CHARS} characters each.")
+
+    def features(self) -> set[str]:
+        """What of these settings only some engines take (see `features` on a backend)."""
+        wanted = set()
+        if self.presence_penalty or self.frequency_penalty:
+            wanted.add("penalties")
+        if self.json_schema:
+            wanted.add("json_schema")
+        return wanted
 
     @property
     def seed32(self) -> int | None:

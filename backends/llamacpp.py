@@ -51,6 +51,11 @@ def default_threads() -> int:
 @register("llamacpp")
 class LlamaCppBackend(LocalEngine):
     ENGINE_KEYS = {"parallel": 8, "kv_cells": None, "n_batch": 512}
+    features = frozenset({"penalties", "json_schema"})  # GenerationParams.features() it honours
+
+    def prepare(self, messages: list[Message], params: GenerationParams, tools: list[dict[str, Any]] | None = None):
+        grammar_of(params.json_schema)  # a schema it cannot follow is refused before the reply waits in line
+        return super().prepare(messages, params, tools)
 
     def __init__(self) -> None:
         self.model: Model | None = None
@@ -189,7 +194,7 @@ class LlamaCppBackend(LocalEngine):
         media = {p.start: Media(p.end - p.start, functools.partial(_read, self.projector, p.image, p.index))
                  for p in prompt.images}
         request = engine.submit(prompt.token_ids, params, owner=session_id, public=prompt.public_tokens,
-                                cancel=cancel, media=media)
+                                cancel=cancel, media=media, grammar=grammar_of(params.json_schema))
         try:
             while True:
                 try:
@@ -225,6 +230,21 @@ class LlamaCppBackend(LocalEngine):
             "path": self.path,
             "mmproj": self.mmproj_path or None,
         }
+
+
+@functools.lru_cache(maxsize=64)
+def grammar_of(schema: str) -> str:
+    """The GBNF grammar llama.cpp samples with for a JSON schema ("" for none), made by
+    llama-cpp-python's own converter (the one its server uses for response_format)."""
+    if not schema:
+        return ""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return json_schema_to_gbnf(schema)
+    except Exception as e:  # the converter raises what it meets (KeyError, ValueError, ...): the schema's fault
+        raise ParamError(f"The JSON schema could not be turned into a grammar: {e!r:.200}. Use standard JSON "
+                         "schema keywords (type, properties, required, items, enum, ...).") from e
 
 
 def _wants_parts(template: ChatTemplate) -> bool:

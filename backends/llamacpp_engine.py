@@ -70,6 +70,7 @@ class Request:
     cached: int = 0  # prompt tokens reused from this owner's own cache, set on admission
     abandoned: threading.Event = field(default_factory=threading.Event)  # its consumer went away
     arrived: float = field(default_factory=time.monotonic)
+    grammar: str = ""  # GBNF the reply must follow (backends/llamacpp.py makes it from a JSON schema)
 
     def cancel(self) -> None:
         """The consumer stops reading (its round ended, or it was closed): free the slot."""
@@ -114,9 +115,9 @@ class BatchEngine:
 
     # ---- the consumer side ---------------------------------------------------------------
     def submit(self, ids: list[int], params: GenerationParams, owner: str | None = None, public: int = 0,
-               cancel: Cancel | None = None, media: dict[int, Media] | None = None) -> Request:
+               cancel: Cancel | None = None, media: dict[int, Media] | None = None, grammar: str = "") -> Request:
         request = Request(list(ids), params, owner, max(0, min(public, len(ids))), media=dict(media or {}),
-                          cancelled=cancel or Cancel())
+                          cancelled=cancel or Cancel(), grammar=grammar)
         if not self.alive:
             request.out.put(("error", self.failure or "The llama.cpp engine has stopped; load the model again."))
             return request
@@ -277,10 +278,15 @@ class BatchEngine:
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         if slot.sampler is not None:
             slot.sampler.close()
-        slot.sampler = self._sampler(request.params)
-        for token in request.ids[-PENALTY_LAST_N:]:
-            if token >= 0:  # a picture's placeholders are no tokens
-                slot.sampler.accept(token)  # the repetition penalty sees the end of the prompt too
+        # The penalties see the end of the prompt too (a picture's placeholders are no tokens).
+        seen = [t for t in request.ids[-PENALTY_LAST_N:] if t >= 0]
+        try:
+            slot.sampler = self._sampler(request.params, seen, request.grammar)
+        except BackendError as e:  # a grammar llama.cpp would not take: this reply fails, the others go on
+            slot.sampler = None
+            request.out.put(("start", request.cached))
+            self._finish(slot, "error", str(e))
+            return
         request.out.put(("start", request.cached))
 
     @staticmethod
@@ -301,9 +307,11 @@ class BatchEngine:
         slot.ids.clear()
         slot.request, slot.pending, slot.next_token = None, [], None
 
-    def _sampler(self, params: GenerationParams) -> Sampler:
+    def _sampler(self, params: GenerationParams, seen: list[int], grammar: str = "") -> Sampler:
         return self.ctx.sampler().chain(
             n_vocab=self.n_vocab, penalty_last_n=PENALTY_LAST_N, repetition_penalty=params.repetition_penalty,
+            frequency_penalty=params.frequency_penalty, presence_penalty=params.presence_penalty, seen=seen,
+            grammar=(self.model, grammar) if grammar else None,
             greedy=params.greedy, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
             temperature=params.temperature,
             seed=params.seed32 if params.seed is not None else random.getrandbits(32))
@@ -431,8 +439,8 @@ class BatchEngine:
 
     def _sample(self, slot: Slot, index: int) -> None:
         request = slot.request
-        token = slot.sampler.sample(self.ctx, index)
-        slot.sampler.accept(token)
+        token = slot.sampler.sample(self.ctx, index)  # llama_sampler_sample accepts it too (once: a grammar
+        # sampler given a token twice aborts the process; the penalties counted each token twice)
         slot.generated += 1
         if self.model.is_eog(token):
             self._finish(slot, "stop")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections import OrderedDict
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from .base import BackendError, ImageData, ParamError
 
@@ -169,12 +169,25 @@ class Sampler:
     """A llama.cpp sampler chain for one reply."""
 
     def __init__(self, lib: Lib) -> None:
-        self.raw = lib.internals.LlamaSampler()
+        self.lib, self.raw = lib, lib.internals.LlamaSampler()
 
     def chain(self, *, n_vocab: int, penalty_last_n: int, repetition_penalty: float, greedy: bool,
-              top_k: int, top_p: float, min_p: float, temperature: float, seed: int) -> "Sampler":
+              top_k: int, top_p: float, min_p: float, temperature: float, seed: int,
+              frequency_penalty: float = 0.0, presence_penalty: float = 0.0, seen: Sequence[int] = (),
+              grammar: tuple["Model", str] | None = None) -> "Sampler":
+        """The sampler chain. `seen`: tokens the penalties count before the reply (the end of the
+        prompt); `grammar`: (model, GBNF text) the reply must follow (applied after `seen`, which
+        it would refuse, and before any token is picked)."""
         s = self.raw
-        s.add_penalties(n_vocab, penalty_last_n, repetition_penalty, 0.0, 0.0)
+        s.add_penalties(n_vocab, penalty_last_n, repetition_penalty, frequency_penalty, presence_penalty)
+        for token in seen:
+            s.accept(token)
+        if grammar is not None:
+            model, text = grammar
+            raw = self.lib.c.llama_sampler_init_grammar(model.raw.vocab, text.encode(), b"root")
+            if not raw:  # llama.cpp could not parse it (and logged why)
+                raise BackendError("llama.cpp could not read the grammar made from this JSON schema.")
+            self.lib.c.llama_sampler_chain_add(s.sampler, raw)
         if greedy:
             s.add_greedy()
         else:

@@ -323,6 +323,7 @@ class ModelManager:
             backend = self._require()
             self._preparing += 1
         try:
+            refuse_unsupported(backend, params)
             return backend, backend.prepare(messages, params, tools)
         finally:
             with self._cond:
@@ -335,6 +336,18 @@ class ModelManager:
         self._line.popleft()
         self._active.add(cancel)
         return True
+
+
+FEATURES = {"penalties": "presence_penalty and frequency_penalty", "json_schema": "JSON output (response_format)"}
+
+
+def refuse_unsupported(backend: Backend, params: GenerationParams) -> None:
+    """A setting the loaded engine cannot honour is refused, never silently ignored."""
+    missing = sorted(params.features() - set(getattr(backend, "features", ())))
+    if missing:
+        names = " and ".join(FEATURES[m] for m in missing)
+        raise ParamError(f"{names[0].upper()}{names[1:]} is not available with the {getattr(backend, 'name', '?')} "
+                         "engine here; the llama.cpp engine has it.")
 
 
 def _with_prompt(chunks: Iterator[Chunk], prompt: Prompt | None) -> Iterator[Chunk]:

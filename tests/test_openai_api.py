@@ -186,3 +186,64 @@ def test_bad_tools_and_tool_choice_are_named(client):
     with pytest.raises(openai.BadRequestError, match=r"messages\[1\].tool_calls must be"):
         client.chat.completions.create(model="smollm2-llamacpp", messages=[
             PARIS[0], {"role": "assistant", "content": "", "tool_calls": [{"id": "x"}]}, PARIS[0]])
+
+
+# ---- what agents and evaluation tools send ----------------------------------------------------
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "role": {"type": "string", "enum": ["captain", "cook", "clerk"]},
+        "ship": {"type": "object", "properties": {"name": {"type": "string"}, "crew": {"type": "integer"}},
+                 "required": ["name", "crew"]},
+    },
+    "required": ["name", "role", "ship"],
+}
+
+
+def test_structured_output_follows_a_nested_schema_with_enums(client):
+    """The engine samples under a grammar made from the schema: the reply parses and validates,
+    whatever the small model would have written."""
+    import jsonschema
+
+    ask = [{"role": "user", "content": "Describe a sailor called Anna who is a cook on a ship."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    for seed in (1, 2, 3):
+        r = client.chat.completions.create(model="smollm2-llamacpp", messages=ask, max_tokens=200, seed=seed,
+                                           temperature=0.8, response_format=fmt)
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        reply = json.loads(r.choices[0].message.content)
+        jsonschema.validate(reply, PERSON)
+    # json_object: any JSON object, streamed as well.
+    stream = client.chat.completions.create(model="smollm2-llamacpp", messages=ask, max_tokens=200, temperature=0,
+                                            response_format={"type": "json_object"}, stream=True)
+    text = "".join(e.choices[0].delta.content or "" for e in stream if e.choices)
+    assert isinstance(json.loads(text), dict)
+
+
+def test_penalties_are_taken_and_fields_nothing_here_reads_are_refused_by_name(client, keyed_app):
+    r = client.chat.completions.create(model="smollm2-llamacpp", messages=PARIS, max_tokens=8, temperature=0,
+                                       presence_penalty=1.5, frequency_penalty=1.0, user="u1", store=False,
+                                       metadata={"run": "7"})
+    assert r.choices[0].message.content
+    base = {"model": "smollm2-llamacpp", "messages": PARIS, "max_tokens": 4}
+    for extra, field in (({"logit_bias": {"42": 5}}, "logit_bias"), ({"logprobs": True}, "logprobs"),
+                         ({"top_logprobs": 3}, "top_logprobs"), ({"functions": []}, "functions"),
+                         ({"made_up": 1}, "made_up"), ({"presence_penalty": 3}, "presence_penalty"),
+                         ({"response_format": {"type": "yaml"}}, "response_format"),
+                         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema"),
+                         ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}},
+                          "schema")):
+        r = httpx.post(keyed_app.url + "/v1/chat/completions", json={**base, **extra},
+                       headers={"Authorization": "Bearer test-key"})
+        assert r.status_code == 400 and field in r.text, (extra, r.text)
+    # What changes nothing in the answer is taken: logprobs off, an empty logit_bias, text only.
+    r = httpx.post(keyed_app.url + "/v1/chat/completions", headers={"Authorization": "Bearer test-key"},
+                   json={**base, "logprobs": False, "logit_bias": {}, "modalities": ["text"], "service_tier": "auto"})
+    assert r.status_code == 200, r.text
+
+
+def test_one_model_can_be_retrieved_by_id(client):
+    assert client.models.retrieve("smollm2-llamacpp").id == "smollm2-llamacpp"
+    with pytest.raises(openai.NotFoundError, match="not loaded here"):
+        client.models.retrieve("gpt-4")
