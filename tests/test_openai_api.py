@@ -233,7 +233,11 @@ def test_penalties_are_taken_and_fields_nothing_here_reads_are_refused_by_name(c
                          ({"response_format": {"type": "yaml"}}, "response_format"),
                          ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema"),
                          ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}},
-                          "schema")):
+                          "schema"),
+                         # A grammar whose cost every reply in the batch would pay: refused with its size.
+                         ({"response_format": {"type": "json_schema", "json_schema": {"schema": {
+                             "type": "string", "enum": [f"value number {i}" for i in range(2500)]}}}},
+                          "at most 8,192")):
         r = httpx.post(keyed_app.url + "/v1/chat/completions", json={**base, **extra},
                        headers={"Authorization": "Bearer test-key"})
         assert r.status_code == 400 and field in r.text, (extra, r.text)
