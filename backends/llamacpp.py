@@ -103,7 +103,7 @@ class LlamaCppBackend(LocalEngine):
             with _QUIET_LOCK:
                 self.engine = BatchEngine(
                     lib, self.model, n_ctx=self.n_ctx, slots=self.max_concurrent,
-                    kv_cells=int(options["kv_cells"] or 2 * self.n_ctx), n_threads=threads,
+                    kv_cells=int(options["kv_cells"] or 2 * self.n_ctx), n_threads=threads, cpu=not spec.n_gpu_layers,
                     n_batch=int(options["n_batch"]),
                 )
         except (ValueError, RuntimeError) as e:

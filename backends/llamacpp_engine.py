@@ -5,8 +5,11 @@ last prompt only, so eight users would wait in line and each switch of user woul
 whole history. No library offers batching over it, hence this engine, on llama.h itself through
 the small adapter in llamacpp_lib.py (the only module that touches llama-cpp-python's
 internals): each *slot* is a llama.cpp sequence in one unified KV cache. A new reply takes the idle slot whose tokens share the longest prefix with its prompt
-(the same conversation, usually), drops only what changed, and joins the next batch; every step
-decodes one token for each slot that is generating, plus a chunk of any prompt being read.
+(the same conversation, usually), drops only what changed, and joins the next batch. Each step
+does one kind of work (see `_step`): new short prompts, a token for every reply being written,
+or a chunk of the long prompts, about STEP_S of it, so a question asked while documents are read
+waits one short step, not for the documents. A reply starts only when its prompt and whole reply
+fit the KV cache (`_admit_one`), with a reserve that only small replies may take.
 Idle slots keep their KV cache until it is needed (least recently used first).
 
 Cached tokens never cross from one owner (a conversation, a login, an API key) to another,
@@ -44,9 +47,26 @@ from .llamacpp_lib import NO_KV_SLOT, Batch, Context, Lib, Model, Sampler, decod
 
 log = logging.getLogger(__name__)
 PENALTY_LAST_N = 64  # as llama-cpp-python's create_completion
-PREFILL_CHUNK = 256  # prompt tokens read per step, so a long prompt does not stall other replies
-AGING_STEPS = 4  # every this many steps the prompt waiting longest is read first (no prompt starves)
+# Steps. A step is one llama_decode, and whoever arrives during it waits for it to end, so a step
+# that reads a long prompt is kept to about STEP_S (its size follows the measured cost per token).
+# Each step does one kind of work: new short prompts (what someone waits on for a first token),
+# a token for every reply being written, or a chunk of the long prompts. Measured on 2 CPU cores
+# (embedded model, 4 conversations of 3.6k tokens in the cache): a 40-token question alone 318 ms,
+# with 3 replies' tokens 504 ms; 3 replies' tokens alone 183 ms; 64 tokens of a long prompt 605 ms,
+# with 3 replies' tokens in the same batch 1,226 ms: mixed batches cost more than their parts.
+STEP_S = 0.3
+# llama.cpp's CPU flash attention reads a batch of 64 tokens or more in tiles; a smaller batch
+# takes a per-token path whose cost grows with the context: at a 4k-token context 48 tokens cost
+# 2,274 ms and 64 cost 605 ms (measured as above). So a long prompt is read in chunks of at least
+# TILE tokens, never leaving a smaller remainder, and a short turn after a long cached conversation
+# reads the last TILE tokens again instead of a few tokens alone (REREAD_AFTER: below that cached
+# length the two cost the same).
+TILE = 64
+REREAD_AFTER = 1024
+AGING_STEPS = 4  # every this many prompt steps the prompt waiting longest is read first (no prompt starves)
 PASS_S = 5.0  # a request that fits the KV cache may start before an earlier one that does not, for so long
+RESERVE = 16  # 1/RESERVE of the KV cache is kept for small replies: a long prompt waiting for room
+# (and every long one behind it) never makes a one-line question wait for the long ones to end
 
 
 @dataclass(frozen=True)
@@ -97,7 +117,7 @@ class Slot:
 
 class BatchEngine:
     def __init__(self, lib: Lib, model: Model, *, n_ctx: int, kv_cells: int, slots: int, n_threads: int,
-                 n_batch: int = 512) -> None:
+                 n_batch: int = 512, cpu: bool = True) -> None:
         self.model = model
         # Flash attention keeps long conversations cheap: measured here, reading 200 prompt tokens
         # after 1,800 cached ones costs 1.56x the same read at the start with it, 1.80x without.
@@ -107,7 +127,11 @@ class BatchEngine:
         self.slots = [Slot(seq=i) for i in range(slots)]
         self.inbox: "queue.Queue[Request | None]" = queue.Queue()
         self.waiting: list[Request] = []
-        self._steps = 0  # decode steps so far (AGING_STEPS counts them)
+        self._steps = 0  # prompt steps so far (AGING_STEPS counts them)
+        self._last_kind, self._repeats = "", 0  # the kind of work the last steps did, and how many in a row
+        self._row_s = 0.0  # seconds a prompt token costs, measured (0: not yet, the first step is 4 tiles)
+        self.reserve = kv_cells // RESERVE  # cells only small replies may take (see _admit_one)
+        self.cpu = cpu
         self.failure = ""  # why the engine thread stopped, if it died
         self._stop = False
         self.thread = threading.Thread(target=self._run, name="llamacpp-engine", daemon=True)
@@ -201,7 +225,9 @@ class BatchEngine:
         """Start the first waiting request whose prompt and whole reply fit the KV cache (idle
         conversations' caches are dropped for it first, least recently used first). A request
         that does not fit yet waits, never failing a batch or a reply in flight; later ones that
-        fit may start before it for PASS_S, then they wait too, so the cells it needs come free."""
+        fit may start before it for PASS_S, then only small ones may, within the reserve, so the
+        cells it needs come free. A large reply never takes the reserve: small ones always find
+        room there (a question is not kept waiting behind long documents)."""
         now = time.monotonic()
         for i, request in enumerate(self.waiting):
             cells = len(request.ids) + request.params.max_new_tokens
@@ -211,27 +237,39 @@ class BatchEngine:
                                             f"max_new_tokens), more than the engine's {self.kv_cells:,}; "
                                             "lower max_new_tokens or shorten the conversation."))
                 return True
-            if i and now - self.waiting[0].arrived > PASS_S:
-                return False
+            overdue = i > 0 and now - self.waiting[0].arrived > PASS_S
+            if overdue and cells > self.reserve:
+                continue
             slot = self._pick_slot(request)
             if slot is None:
                 return False
-            if self._make_room(request, slot):
+            if self._make_room(request, slot, within_reserve=overdue):
                 self._start(slot, self.waiting.pop(i))
                 return True
         return False
 
-    def _make_room(self, request: Request, slot: Slot) -> bool:
+    def _make_room(self, request: Request, slot: Slot, within_reserve: bool = False) -> bool:
         """Whether `request` on `slot` fits the cache with every reply in flight at its longest,
-        after dropping idle caches as needed."""
-        held = sum(len(s.ids) + len(s.pending) + max(0, s.request.params.max_new_tokens - s.generated)
-                   for s in self.slots if s.request is not None)
+        after dropping idle caches as needed. A large request leaves the reserve free; a small one
+        passing a request that waits (`within_reserve`) takes only what is left of the reserve."""
+        def held(s: Slot) -> int:
+            return len(s.ids) + len(s.pending) + max(0, s.request.params.max_new_tokens - s.generated)
+
+        running = [s for s in self.slots if s.request is not None]
+        small = [s for s in running if len(s.request.ids) + s.request.params.max_new_tokens <= self.reserve]
+        total, held_small = sum(map(held, running)), sum(map(held, small))
         keep = self._reusable(slot, request)
         need = len(request.ids) - keep + request.params.max_new_tokens
+        if len(request.ids) + request.params.max_new_tokens > self.reserve:
+            room = self.kv_cells - max(self.reserve, held_small)  # what large replies may hold
+            if total - held_small + keep + need > room:
+                return False
+        elif within_reserve and held_small + keep + need > self.reserve:
+            return False
         idle = sorted((s for s in self.slots if s.request is None and s.ids and s is not slot),
                       key=lambda s: s.last_used)
         # llama.cpp places a batch in any free cells (find_slot without `cont`): no headroom is needed.
-        while held + keep + need + sum(len(s.ids) for s in idle) > self.kv_cells:
+        while total + keep + need + sum(len(s.ids) for s in idle) > self.kv_cells:
             if not idle:
                 return False
             self._forget(idle.pop(0))
@@ -258,6 +296,8 @@ class BatchEngine:
 
     def _start(self, slot: Slot, request: Request) -> None:
         limit = len(request.ids) - 1  # at least one prompt token is read, to get fresh logits
+        if self.cpu and len(request.ids) > REREAD_AFTER and not request.media:
+            limit = min(limit, len(request.ids) - TILE)  # a whole tile: see TILE
         keep = self._whole(request, min(self._reusable(slot, request), limit))
         own = keep if slot.owner == request.owner else 0
         self._truncate(slot, keep)
@@ -322,39 +362,75 @@ class BatchEngine:
                 self._finish(slot, "cancelled")
 
     def _step(self) -> None:
-        """One llama_decode over every live slot, within `n_batch` tokens: first a token for each
-        reply that is writing (what people watch), then prompts, the shortest left first (a short
-        question, or a turn mostly cached, is read in one step while long documents are read a
-        chunk at a time around it); every AGING_STEPS-th step the prompt that arrived first goes
-        first, so a long prompt keeps moving however many short ones come."""
+        """One llama_decode of one kind of work (see STEP_S): new short prompts, read whole, the
+        shortest first (a question is answered after one step however long the others' prompts);
+        else a token for each reply being written; else chunks of the long prompts, the shortest
+        left first and every AGING_STEPS-th time the one that came first (so a long prompt keeps
+        moving however many short ones come). The kind done last goes last while another has work
+        (short prompts may go twice in a row), so none waits more than three steps."""
         self.batch.reset()
-        self._steps += 1
-        rows: list[tuple[Slot, int]] = []  # (slot, batch row whose logits to sample)
         live = [s for s in self.slots if s.request is not None]
-        for slot in live:
-            if not slot.pending:
-                rows.append((slot, self._add(slot, [slot.next_token], logits_last=True)))
+        writing = [s for s in live if not s.pending]
         reading = sorted((s for s in live if s.pending), key=lambda s: len(s.pending))
-        if len(reading) > 1 and self._steps % AGING_STEPS == 0:
-            oldest = min(reading, key=lambda s: s.request.arrived)
-            reading.remove(oldest)
-            reading.insert(0, oldest)
+        budget = self._budget()
+        short = [s for s in reading if len(s.pending) <= budget]
+        kinds = [k for k, work in (("short", short), ("write", writing), ("read", reading)) if work]
+        if len(kinds) > 1 and self._last_kind in kinds and (self._last_kind != "short" or self._repeats >= 2):
+            kinds.remove(self._last_kind)
+        kind = kinds[0]
+        self._repeats = self._repeats + 1 if kind == self._last_kind else 1
+        self._last_kind = kind
+        rows: list[tuple[Slot, int]] = []  # (slot, batch row whose logits to sample)
+        if kind == "write":
+            for slot in writing:
+                rows.append((slot, self._add(slot, [slot.next_token], logits_last=True)))
+        else:
+            if kind == "read":
+                self._steps += 1
+                if len(reading) > 1 and self._steps % AGING_STEPS == 0:
+                    oldest = min(reading, key=lambda s: s.request.arrived)
+                    reading.remove(oldest)
+                    reading.insert(0, oldest)
+            self._read(short if kind == "short" else reading, budget, rows)
+        if not len(self.batch):
+            return
+        started = time.perf_counter()
+        if not self._decode():
+            return
+        if kind == "read" and len(self.batch) >= TILE:  # what a prompt token costs now (the cache's fill changes it)
+            cost = (time.perf_counter() - started) / len(self.batch)
+            self._row_s = cost if not self._row_s else 0.7 * self._row_s + 0.3 * cost
+        log.debug("step: %s, %d tokens, %.3f s", kind, len(self.batch), time.perf_counter() - started)
+        for slot, row in rows:
+            self._sample(slot, row)
+
+    def _budget(self) -> int:
+        """Prompt tokens a step reads: about STEP_S of work, in whole tiles, within n_batch."""
+        if not self._row_s:
+            return min(self.n_batch, 4 * TILE)
+        return max(TILE, min(self.n_batch, int(STEP_S / self._row_s) // TILE * TILE))
+
+    def _read(self, reading: list[Slot], budget: int, rows: list[tuple[Slot, int]]) -> None:
+        """Add prompt chunks of `reading`, in order, to the batch: about `budget` tokens, each chunk
+        at least TILE tokens (or the whole rest of its prompt) and never leaving less than TILE."""
         for slot in reading:
-            budget = self.n_batch - len(self.batch)
-            if budget <= 0:
+            left = min(budget, self.n_batch) - len(self.batch)
+            space = self.n_batch - len(self.batch)
+            if left <= 0 and len(self.batch):
                 break
             text = self._text_ahead(slot)
             if not text:  # a picture chunk comes next: read alone, this step
                 self._read_media(slot)
                 continue
-            chunk = slot.pending[: min(PREFILL_CHUNK, budget, text)]
-            row = self._add(slot, chunk, logits_last=len(chunk) == len(slot.pending))
+            n = min(left, text)
+            if 0 < text - n < TILE:  # no small remainder: read it all now, or leave a whole tile
+                n = text if text <= space else n - TILE
+            if n < min(TILE, text) and len(self.batch):
+                continue
+            n = max(1, min(n, space))
+            row = self._add(slot, slot.pending[:n], logits_last=n == len(slot.pending))
             if not slot.pending:
                 rows.append((slot, row))
-        if not len(self.batch) or not self._decode():
-            return
-        for slot, row in rows:
-            self._sample(slot, row)
 
     @staticmethod
     def _text_ahead(slot: Slot) -> int:

@@ -95,3 +95,111 @@ class FakeScriptBackend(FakeEngineBackend):
                 yield text, n
         finally:
             self.closed.set()
+
+
+class FakeLlama:
+    """A named fake of llama.cpp under the batching engine (backends/llamacpp_engine.py): it keeps
+    each sequence's cells like a unified KV cache and records every batch, so tests can check the
+    engine's scheduling (what goes in which step, who is admitted when) exactly. A step costs
+    `row_s` seconds a token. It computes nothing: it is never used to test llama.cpp itself."""
+
+    NO_KV_SLOT = 1
+    TAG = 100_000
+
+    def __init__(self, cells: int, row_s: float = 0.0) -> None:
+        self.cells, self.row_s = cells, row_s
+        self.kv: dict[int, int] = {}  # sequence -> cells it holds
+        # each decode: (sequence, tokens, tag) in batch order; a token's tag is token // TAG, and the
+        # tokens a reply writes carry its prompt's last tag, so tests can tell whose rows are whose
+        self.steps: list[list[tuple[int, int, int]]] = []
+        self.n_vocab = 100
+        self.lock = threading.Lock()
+
+    # the Lib and Model sides
+    def context(self, model, *, cells, n_batch, sequences, threads):
+        self.n_batch = n_batch
+        return self
+
+    def is_eog(self, token: int) -> bool:
+        return False
+
+    def piece(self, token: int) -> bytes:
+        return b"x "
+
+    # the Context side
+    def batch(self):
+        return _FakeBatch(self.n_batch)
+
+    def sampler(self):
+        return _FakeSampler(self.TAG)
+
+    def decode(self, batch) -> int:
+        import time
+
+        rows = batch.rows_added
+        added: dict[int, int] = {}
+        for seq, _ in rows:
+            added[seq] = added.get(seq, 0) + 1
+        with self.lock:
+            if sum(self.kv.values()) + len(rows) > self.cells:
+                return self.NO_KV_SLOT
+            for seq, n in added.items():
+                self.kv[seq] = self.kv.get(seq, 0) + n
+            shape: list[tuple[int, int, int]] = []
+            for seq, token in rows:
+                if shape and shape[-1][0] == seq:
+                    shape[-1] = (seq, shape[-1][1] + 1, shape[-1][2])
+                else:
+                    shape.append((seq, 1, token // self.TAG))
+            self.steps.append(shape)
+        time.sleep(self.row_s * len(rows))
+        return 0
+
+    def forget(self, seq: int, start: int = 0) -> None:
+        with self.lock:
+            self.kv[seq] = min(self.kv.get(seq, 0), start)
+
+    def share(self, src: int, dst: int, n: int) -> None:
+        with self.lock:
+            self.kv[dst] = n
+
+    def close(self) -> None:
+        pass
+
+
+class _FakeBatch:
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.rows_added = capacity, []
+
+    def __len__(self) -> int:
+        return len(self.rows_added)
+
+    def reset(self) -> None:
+        self.rows_added = []
+
+    def add(self, seq: int, tokens, first_pos: int, logits_last: bool) -> int:
+        assert len(self.rows_added) + len(tokens) <= self.capacity, "batch overflow"
+        self.rows_added += [(seq, t) for t in tokens]
+        return len(self.rows_added) - 1
+
+    def rows(self):
+        return iter(self.rows_added)
+
+    def close(self) -> None:
+        pass
+
+
+class _FakeSampler:
+    def __init__(self, tag: int) -> None:
+        self.tag, self.token = tag, 7
+
+    def chain(self, *, seen=(), **_):
+        if seen:
+            self.token = seen[-1] // self.tag * self.tag + self.tag - 1  # the prompt's tag
+        return self
+
+    def sample(self, ctx, row: int) -> int:
+        return self.token
+
+    def close(self) -> None:
+        pass
