@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 from . import register
-from .base import BackendError, Cancel, ParamError, GenerationParams, ImageData, Message, ModelSpec, ProgressFn, Prompt, Usage
+from .base import (BackendError, Cancel, GenerationParams, ImageData, Message, ModelSpec, ParamError, ProgressFn, Prompt,
+                   Usage, Waiting)
 from .hub import download
 from .llamacpp_engine import BatchEngine, Media
 from .llamacpp_lib import Context, Lib, Model, Projector
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 # at /dev/null and back (os.dup2). Two loads at once (two models loaded from two threads) would
 # restore each other's /dev/null and silence the process for good, so they take turns.
 _QUIET_LOCK = threading.Lock()
+QUEUED_PER_SLOT = 4  # replies the manager lets into the engine per slot (the engine's own line holds them)
 
 
 def default_threads() -> int:
@@ -66,7 +68,7 @@ class LlamaCppBackend(LocalEngine):
         self.template: ChatTemplate | None = None
         self.n_ctx = 0
         self.path = ""
-        self.max_concurrent = 1
+        self.max_concurrent = self.slots = 1
         self._add_bos = False
         self._stops: tuple[str, ...] = ()
 
@@ -98,11 +100,14 @@ class LlamaCppBackend(LocalEngine):
             except BackendError:
                 self.unload()
                 raise
-        self.max_concurrent = int(options["parallel"])
+        self.slots = int(options["parallel"])
+        # The engine keeps its own line, by KV room, where small replies may pass long ones (see
+        # BatchEngine._admit_one) and each is told its place; the manager's line holds the rest.
+        self.max_concurrent = QUEUED_PER_SLOT * self.slots
         try:
             with _QUIET_LOCK:
                 self.engine = BatchEngine(
-                    lib, self.model, n_ctx=self.n_ctx, slots=self.max_concurrent,
+                    lib, self.model, n_ctx=self.n_ctx, slots=self.slots,
                     kv_cells=int(options["kv_cells"] or 2 * self.n_ctx), n_threads=threads, cpu=not spec.n_gpu_layers,
                     n_batch=int(options["n_batch"]),
                 )
@@ -210,6 +215,8 @@ class LlamaCppBackend(LocalEngine):
                     usage.cached_tokens = data[0]
                 elif kind == "text":
                     yield data[0], data[1]
+                elif kind == "waiting":  # in the engine's line, for KV room
+                    yield Waiting(data[0])
                 elif kind == "error":
                     raise BackendError(data[0])
                 elif kind == "refused":  # it can never fit: the request's fault, not the engine's
@@ -226,7 +233,7 @@ class LlamaCppBackend(LocalEngine):
             "model": self.spec.name if self.spec else None,
             "device": "cuda (offloaded layers)" if gpu else "cpu",
             "n_ctx": self.n_ctx,
-            "parallel": self.max_concurrent,
+            "parallel": self.slots,
             "path": self.path,
             "mmproj": self.mmproj_path or None,
         }

@@ -17,7 +17,8 @@ except a prompt's public opening (the chat template's own text, before any messa
 in the spirit of vLLM's per-request `cache_salt`: otherwise the time to first token, or the
 cached-token count, would tell one user whether another's conversation begins with a guess.
 
-Consumers talk to it through `Request`: text pieces arrive on `request.out`; the request's
+Consumers talk to it through `Request`: text pieces arrive on `request.out` (and, while it waits
+for room, ("waiting", place in line) whenever that changes); the request's
 `Cancel` is checked before every step (a prompt is read in chunks, so a cancel during a long
 prefill takes effect between chunks) and a cancelled request still in line is never started.
 If the engine thread dies, every request in it or waiting for it gets an error, and `alive`
@@ -91,6 +92,7 @@ class Request:
     abandoned: threading.Event = field(default_factory=threading.Event)  # its consumer went away
     arrived: float = field(default_factory=time.monotonic)
     grammar: str = ""  # GBNF the reply must follow (backends/llamacpp.py makes it from a JSON schema)
+    told: int = 0  # the place in the engine's line it was last told (a ("waiting", ahead) event)
 
     def cancel(self) -> None:
         """The consumer stops reading (its round ended, or it was closed): free the slot."""
@@ -220,6 +222,10 @@ class BatchEngine:
         self.waiting = [r for r in self.waiting if not r.stopped]
         while self._admit_one():
             pass
+        for ahead, request in enumerate(self.waiting, 1):  # those still waiting are told where they are
+            if request.told != ahead:
+                request.told = ahead
+                request.out.put(("waiting", ahead))
 
     def _admit_one(self) -> bool:
         """Start the first waiting request whose prompt and whole reply fit the KV cache (idle

@@ -355,6 +355,9 @@ def _with_prompt(chunks: Iterator[Chunk], prompt: Prompt | None) -> Iterator[Chu
     prompt may open a `<think>` that only the reply closes)."""
     try:
         for chunk in chunks:
+            if isinstance(chunk, Waiting):  # in the engine's own line (llama.cpp waits for KV room)
+                yield chunk
+                continue
             yield dataclasses.replace(chunk, prompt=prompt) if prompt is not None else chunk
             prompt = None
     finally:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from .base import (BackendError, Cancel, Chunk, Clock, ContextOverflow, GenerationParams, Job, Message, ModelSpec,
-                   NotLoaded, ParamError, Prompt, Usage)
+                   NotLoaded, ParamError, Prompt, Usage, Waiting)
 from .templates import Segment, render_segments, render_text, template_context
 
 Encode = Callable[[str, bool], list[int]]  # (text, parse control tokens?) -> ids
@@ -139,7 +139,8 @@ def chunks_from_deltas(
     stop: Iterable[str] = (),
     cancel: Cancel | None = None,
 ) -> Iterator[Chunk]:
-    """Turn (text delta, tokens so far) pairs into Chunks; the last one carries the summary.
+    """Turn (text delta, tokens so far) pairs into Chunks; the last one carries the summary. A
+    `Waiting` among them (an engine that keeps its own line) is passed on.
 
     The engine's own end-of-sequence ends `deltas`; a stop word or max_new_tokens ends it here;
     a `cancel` that is set ends it with finish_reason "cancelled" (the engine sees the same
@@ -148,7 +149,11 @@ def chunks_from_deltas(
     matcher = StopMatcher(tuple(params.stop) + tuple(stop))
     finish, hit = "length", False
     try:
-        for text, n_tokens in deltas:
+        for delta in deltas:
+            if isinstance(delta, Waiting):  # the engine's own line: passed on as it is
+                yield delta
+                continue
+            text, n_tokens = delta
             clock.mark_token()
             usage.completion_tokens = n_tokens
             out, hit = matcher.feed(text)

@@ -1,6 +1,6 @@
 """Fair under load: the "noisy neighbour" scenario, Confab beside its peers, on the embedded model.
 
-    python bench/fairness.py [--llama-server PATH] [--seconds 40]
+    python bench/fairness.py [--llama-server PATH] [--seconds 40] [--flood 8]
     -> bench/results/fairness.json and a table on stdout
 
 Four heavy clients send ~4,000-token prompts back to back while one light client asks a short
@@ -9,7 +9,9 @@ question's time to first token (p50 / p95 / max), and the heavy clients' prompt 
 second with the light client and without it. The same load runs against llama-cpp-python's
 `llama_cpp.server` and, given `--llama-server`, llama.cpp's own C++ server (8 slots, a unified KV
 cache of 16k cells, like Confab's engine). Each heavy prompt starts with its own number, so no
-server can answer it from a cache of the others.
+server can answer it from a cache of the others. Then the flood: 8 conversations of 1,000
+messages each at once (each fills the context), and a short question 5 s later: each must be
+answered or refused with a 4xx that says why (never a 500), and the question answered at once.
 
 Not a test: it measures and prints.
 """
@@ -125,6 +127,48 @@ def load(url: str, seconds: float, light: bool, prompt_tokens: int) -> dict:
     return out
 
 
+def flood(url: str, requests: int = 8, messages: int = 1000) -> dict:
+    """`requests` conversations of `messages` messages each, all at once (each fills the context),
+    and a short question 5 s later: how each ended (answered, refused with a 4xx that says why,
+    or failed) and the short question's time to first token."""
+    def conversation(lane: int) -> list[dict]:
+        turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Lane {lane}, message {i}: noted."}
+                 for i in range(messages - 2)]
+        return [{"role": "system", "content": "Be brief."}, *turns, {"role": "user", "content": "Sum it up."}]
+
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def send(lane: int) -> None:
+        body = {"model": MODEL.get(url, "any"), "messages": conversation(lane), "max_tokens": 8, "temperature": 0}
+        start = time.perf_counter()
+        try:
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=1800)
+            out = {"status": r.status_code, "s": round(time.perf_counter() - start, 1)}
+            if r.status_code != 200:
+                out["error"] = r.text[:300]
+        except httpx.HTTPError as e:
+            out = {"status": None, "error": repr(e)[:300]}
+        with lock:
+            results.append(out)
+
+    threads = [threading.Thread(target=send, args=(lane,)) for lane in range(requests)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(5.0)
+    small = stream(url, f"Question 0. {QUESTION}", 8)
+    for t in threads:
+        t.join()
+    statuses = [r["status"] for r in results]
+    return {"requests": requests, "messages": messages, "answered": statuses.count(200),
+            "refused_4xx": sum(1 for s in statuses if s and 400 <= s < 500),
+            "errors": sum(1 for s in statuses if not s or s >= 500),
+            "small_ttft_s": round(small["ttft_s"], 2) if small.get("ok") else None,
+            "wall_s": round(time.perf_counter() - start, 1),
+            "examples": [r for r in results if r["status"] != 200][:3]}
+
+
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -139,7 +183,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     raise TimeoutError(url)
 
 
-def serve(name: str, seconds: float, prompt_tokens: int, llama_server: str | None) -> dict:
+def serve(name: str, seconds: float, prompt_tokens: int, llama_server: str | None, flood_requests: int = 0) -> dict:
     from conftest import free_port
 
     port = free_port()
@@ -161,6 +205,9 @@ def serve(name: str, seconds: float, prompt_tokens: int, llama_server: str | Non
         stream(url, f"Hello {random.random()}", 4)  # warm, as nobody of the load
         result = {"alone": load(url, seconds, False, prompt_tokens)} if name == "confab" else {}
         result["with_light"] = load(url, seconds, True, prompt_tokens)
+        if flood_requests:
+            print(f"  {name}: {flood_requests} x 1,000 messages ...", flush=True)
+            result["flood"] = flood(url, flood_requests)
         return result
     finally:
         proc.terminate()
@@ -179,6 +226,13 @@ def table(r: dict) -> str:
         ttft = (f"{w['light_ttft_p50_s']} / {w['light_ttft_p95_s']} / {w['light_ttft_max_s']} s"
                 if "light_ttft_p50_s" in w else "no answer")
         rows.append(f"| {name} | {ttft} | {w['heavy_prompt_tokens_per_s']:,}{alone} | {w['errors']} |")
+    floods = [(name, x["flood"]) for name, x in r["servers"].items() if "flood" in x]
+    if floods:
+        rows += ["", "| server | 8 x 1,000 messages at once: answered / refused (4xx) / errors | a short question meanwhile: first token |",
+                 "| --- | --- | --- |"]
+        for name, f in floods:
+            ttft = f"{f['small_ttft_s']} s" if f["small_ttft_s"] is not None else "no answer"
+            rows.append(f"| {name} | {f['answered']} / {f['refused_4xx']} / {f['errors']} (in {f['wall_s']} s) | {ttft} |")
     return "\n".join(rows)
 
 
@@ -187,6 +241,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=40.0, help="how long each load runs")
     ap.add_argument("--llama-server", help="path of llama.cpp's llama-server binary, to compare with it too")
     ap.add_argument("--skip-peers", action="store_true", help="Confab only")
+    ap.add_argument("--flood", type=int, default=8, metavar="N",
+                    help="then N conversations of 1,000 messages at once, and a short question (0: skip)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fairness.json")
     args = ap.parse_args()
     from bench import tokens_of  # bench/bench.py, beside this file
@@ -198,7 +254,7 @@ def main() -> None:
               "servers": {}}
     for name in names:
         print(f"{name} ...", flush=True)
-        x = serve(name, args.seconds, prompt_tokens, args.llama_server)
+        x = serve(name, args.seconds, prompt_tokens, args.llama_server, args.flood)
         if "alone" in x:
             x["heavy_ratio"] = round(x["with_light"]["heavy_prompt_tokens_per_s"]
                                      / max(1, x["alone"]["heavy_prompt_tokens_per_s"]), 2)

@@ -103,3 +103,37 @@ def test_replies_wait_for_kv_room_instead_of_failing_and_a_small_one_passes_them
         assert kind == "refused" and "more than the engine's 2,048" in message
     finally:
         engine.close()
+
+
+def test_a_reply_in_the_engines_line_is_told_its_place_and_a_small_one_passes(llama_backend):
+    """Through the manager, with the embedded model's template and tokenizer over an engine whose
+    cache holds one long reply (a named fake of llama.cpp under the real scheduler): the second
+    long one is told "1 ahead" (not held in the manager's line as if the engine were full), and a
+    short question asked after it is answered first."""
+    from backends.base import Message, Waiting
+    from backends.llamacpp_engine import BatchEngine
+    from backends.manager import ModelManager
+    from fakes import FakeLlama
+
+    fake = FakeLlama(cells=2048, row_s=0.002)
+    real, llama_backend.engine = llama_backend.engine, BatchEngine(fake, fake, n_ctx=2048, kv_cells=2048, slots=8,
+                                                                   n_threads=1, n_batch=128)
+    manager = ModelManager()
+    manager._backend = llama_backend
+    try:
+        long_text = "Words of a long document. " * 200  # ~1,200 tokens with the reply: one at a time
+        params = GenerationParams(do_sample=False, max_new_tokens=20)
+        first = manager.stream([Message("user", "A " + long_text)], params, session_id="a")
+        assert next(first).text is not None  # reading
+        second = manager.stream([Message("user", "B " + long_text)], params, session_id="b")
+        told = next(second)
+        short = manager.stream([Message("user", "Hi?")], GenerationParams(do_sample=False, max_new_tokens=2),
+                               session_id="c")
+        assert isinstance(next(short), Waiting) is False  # straight in, beside the long one
+        assert isinstance(told, Waiting) and told.ahead == 1 and told.loading is None
+        for stream in (short, first, second):
+            *_, last = stream
+            assert last.finish_reason == "length"
+    finally:
+        llama_backend.engine.close()
+        llama_backend.engine = real

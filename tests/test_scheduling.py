@@ -176,3 +176,18 @@ def test_a_short_turn_after_a_long_cached_conversation_reads_a_whole_tile(cached
     # The turn reads its new tokens (and, when they are fewer than a tile after a long
     # conversation, enough cached ones again to make a tile).
     assert read == (TILE if reread else new), (read, fake.steps[before:])
+
+
+def test_a_reply_waiting_for_room_is_told_its_place_in_the_engines_line():
+    fake = FakeLlama(cells=4096, row_s=0.0005)
+    with engine(fake, n_batch=128) as e:
+        first = e.submit(ids(1, 2000), params(100), owner="a")
+        time.sleep(0.02)
+        second = e.submit(ids(2, 2500), params(100), owner="b")
+        third = e.submit(ids(3, 2500), params(100), owner="c")
+        told = {}
+        for name, r in (("second", second), ("third", third)):
+            kind, ahead = r.out.get(timeout=10)
+            told[name] = (kind, ahead)
+        in_parallel({"first": first, "second": second, "third": third})
+    assert told == {"second": ("waiting", 1), "third": ("waiting", 2)}
