@@ -42,7 +42,8 @@ class ModelManager:
         self._cond = threading.Condition()  # guards the fields below
         self._active: set[Cancel] = set()  # replies streaming now, by their stop switch
         self._preparing = 0  # replies being fitted and tokenized (they use the model too)
-        self._line: deque[object] = deque()  # tickets of replies waiting, first come first served
+        self._line: deque[object] = deque()  # tickets of replies waiting, in the order they came
+        self._waits: dict[object, tuple[int, float]] = {}  # each waiting ticket's prompt tokens and arrival
         self._swapping = False
         self._switch: tuple[str, float] | None = None  # while swapping: (the model being loaded, "" = none; since)
         self._backend: Backend | None = None
@@ -255,13 +256,14 @@ class ModelManager:
             prepared = self._prepared(messages, params, tools, cancel)  # before the line: it holds no slot
             with self._cond:
                 self._line.append(ticket)
+                self._waits[ticket] = (len(prepared[1].prompt.token_ids) if prepared else 0, time.monotonic())
             shown = None
             while prepared is not None and not cancel.is_set():
                 with self._cond:
                     if ticket not in self._line:
                         break  # cancelled between the check above and here
                     admitted = self._try_admit(ticket, cancel)
-                    ahead = len(self._active) + self._line.index(ticket) - self.capacity() + 1 if not admitted else 0
+                    ahead = len(self._active) + self._order().index(ticket) - self.capacity() + 1 if not admitted else 0
                     # A load under way holds the line back: that is what this reply waits for then.
                     event = None if admitted else self._switch_waiting() or Waiting(max(ahead, 1))
                     key = event and (event.ahead, event.loading, int(event.waited_s))
@@ -310,6 +312,7 @@ class ModelManager:
             self._active.discard(cancel)
             if ticket in self._line:
                 self._line.remove(ticket)
+            self._waits.pop(ticket, None)
             self._cond.notify_all()
 
     def _prepared(self, messages: list[Message], params: GenerationParams, tools: list[dict[str, Any]] | None,
@@ -330,13 +333,26 @@ class ModelManager:
                 self._preparing -= 1
                 self._cond.notify_all()
 
+    def _order(self) -> list[object]:
+        """The line in the order replies are let in (under `_cond`): the shortest prompt first, so
+        on an engine that answers one reply at a time (transformers on a CPU) a one-line question
+        is not kept behind a pasted document that came a moment before it; but a reply that has
+        waited LINE_AGE_S goes before any that came after it, so a long one is passed only so long."""
+        now, line = time.monotonic(), list(self._line)
+        overdue = [t for t in line if now - self._waits.get(t, (0, now))[1] > LINE_AGE_S]
+        rest = sorted((t for t in line if t not in overdue), key=lambda t: self._waits.get(t, (0, now))[0])
+        return overdue + rest
+
     def _try_admit(self, ticket: object, cancel: Cancel) -> bool:
-        if self._swapping or self._line[0] is not ticket or len(self._active) >= self.capacity() or cancel.is_set():
+        if self._swapping or self._order()[0] is not ticket or len(self._active) >= self.capacity() or cancel.is_set():
             return False
-        self._line.popleft()
+        self._line.remove(ticket)
+        self._waits.pop(ticket, None)
         self._active.add(cancel)
         return True
 
+
+LINE_AGE_S = 30.0  # how long a reply waiting in the manager's line may be passed by shorter prompts
 
 FEATURES = {"penalties": "presence_penalty and frequency_penalty", "json_schema": "JSON output (response_format)"}
 

@@ -179,3 +179,34 @@ def test_a_load_waits_for_a_reply_being_prepared():
     release.set()
     assert swapped.wait(5)  # ...and goes on once it is done
     reply.join(5)
+
+
+def test_a_short_prompt_goes_before_a_long_one_that_waits_unless_that_one_waited_too_long(monkeypatch):
+    """One reply at a time (transformers on a CPU): a pasted document waiting in line does not make
+    a one-line question wait for it too; after LINE_AGE_S it is passed no more."""
+    from backends import manager as manager_module
+
+    m = ModelManager()
+    m.load(FAKE)
+    first = m.stream([Message("user", "a")], GenerationParams())
+    next(first)
+    long = m.stream([Message("user", "word " * 300)], GenerationParams())
+    assert next(long).ahead == 1
+    short = m.stream([Message("user", "hi")], GenerationParams())
+    assert next(short).ahead == 1  # before the long one
+    assert next(long).ahead == 2  # which is told it moved back
+    first.close()
+    assert next(short).text == "one"
+    short.close()
+    assert next(long).text == "one"
+    long.close()
+    monkeypatch.setattr(manager_module, "LINE_AGE_S", 0.0)  # every waiting reply is overdue: first come, first served
+    first = m.stream([Message("user", "a")], GenerationParams())
+    next(first)
+    long = m.stream([Message("user", "word " * 300)], GenerationParams())
+    assert next(long).ahead == 1
+    short = m.stream([Message("user", "hi")], GenerationParams())
+    assert next(short).ahead == 2
+    for stream in (first, long, short):
+        stream.close()
+    assert not m._line and not m._waits
