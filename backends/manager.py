@@ -1,9 +1,10 @@
 """The one loaded model: loading, switching and unloading, and admitting replies to it.
 
 Everything above (UI, API, terminal, the Python APIs) asks `ModelManager.reply` for a `Reply`
-(chat/reply.py), which calls `stream` once per round; nothing else talks to a backend. As many replies run at once as the engine can batch (`backend.max_concurrent`:
-8 for llama.cpp, 1 for transformers on a CPU, capped by --concurrency); the rest wait in a
-first-come line and are told their place. A conversation is fitted to the context before it
+(chat/reply.py), which calls `stream` once per round; nothing else talks to a backend. As many
+replies go to the engine at once as it takes (`backend.max_concurrent`: 4 per slot for llama.cpp,
+whose engine keeps its own line by KV room, 1 for transformers on a CPU, capped by --concurrency);
+the rest wait in a line, the shortest prompt first (for at most LINE_AGE_S), and are told their place. A conversation is fitted to the context before it
 takes its place, so a long chat never holds an engine slot while it is measured. Every wait
 here wakes when the reply's `Cancel` is set. A load gives the replies in flight a grace period,
 stops the rest (telling them why), then swaps the model; a load that fails puts the previous
