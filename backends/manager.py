@@ -257,7 +257,8 @@ class ModelManager:
             prepared = self._prepared(messages, params, tools, cancel)  # before the line: it holds no slot
             with self._cond:
                 self._line.append(ticket)
-                self._waits[ticket] = (len(prepared[1].prompt.token_ids) if prepared else 0, time.monotonic())
+                job = prepared[1] if prepared else None  # a remote engine's job has no prompt (the server renders it)
+                self._waits[ticket] = (len(job.prompt.token_ids) if job and job.prompt else 0, time.monotonic())
             shown = None
             while prepared is not None and not cancel.is_set():
                 with self._cond:
