@@ -19,7 +19,6 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import deque
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -43,8 +42,8 @@ class ModelManager:
         self._cond = threading.Condition()  # guards the fields below
         self._active: set[Cancel] = set()  # replies streaming now, by their stop switch
         self._preparing = 0  # replies being fitted and tokenized (they use the model too)
-        self._line: deque[object] = deque()  # tickets of replies waiting, in the order they came
-        self._waits: dict[object, tuple[int, float]] = {}  # each waiting ticket's prompt tokens and arrival
+        # tickets of replies waiting, in the order they came: (prompt tokens, when it came) each
+        self._line: dict[object, tuple[int, float]] = {}
         self._swapping = False
         self._switch: tuple[str, float] | None = None  # while swapping: (the model being loaded, "" = none; since)
         self._backend: Backend | None = None
@@ -256,9 +255,8 @@ class ModelManager:
             yield from self._while_switching(cancel)  # says so, rather than waiting without a word
             prepared = self._prepared(messages, params, tools, cancel)  # before the line: it holds no slot
             with self._cond:
-                self._line.append(ticket)
                 job = prepared[1] if prepared else None  # a remote engine's job has no prompt (the server renders it)
-                self._waits[ticket] = (len(job.prompt.token_ids) if job and job.prompt else 0, time.monotonic())
+                self._line[ticket] = (len(job.prompt.token_ids) if job and job.prompt else 0, time.monotonic())
             shown = None
             while prepared is not None and not cancel.is_set():
                 with self._cond:
@@ -312,9 +310,7 @@ class ModelManager:
     def _release(self, ticket: object, cancel: Cancel) -> None:
         with self._cond:
             self._active.discard(cancel)
-            if ticket in self._line:
-                self._line.remove(ticket)
-            self._waits.pop(ticket, None)
+            self._line.pop(ticket, None)
             self._cond.notify_all()
 
     def _prepared(self, messages: list[Message], params: GenerationParams, tools: list[dict[str, Any]] | None,
@@ -340,16 +336,15 @@ class ModelManager:
         on an engine that answers one reply at a time (transformers on a CPU) a one-line question
         is not kept behind a pasted document that came a moment before it; but a reply that has
         waited LINE_AGE_S goes before any that came after it, so a long one is passed only so long."""
-        now, line = time.monotonic(), list(self._line)
-        overdue = [t for t in line if now - self._waits.get(t, (0, now))[1] > LINE_AGE_S]
-        rest = sorted((t for t in line if t not in overdue), key=lambda t: self._waits.get(t, (0, now))[0])
+        now = time.monotonic()
+        overdue = [t for t, (_, came) in self._line.items() if now - came > LINE_AGE_S]
+        rest = sorted((t for t in self._line if t not in overdue), key=lambda t: self._line[t][0])
         return overdue + rest
 
     def _try_admit(self, ticket: object, cancel: Cancel) -> bool:
         if self._swapping or self._order()[0] is not ticket or len(self._active) >= self.capacity() or cancel.is_set():
             return False
-        self._line.remove(ticket)
-        self._waits.pop(ticket, None)
+        del self._line[ticket]
         self._active.add(cancel)
         return True
 

@@ -209,4 +209,4 @@ def test_a_short_prompt_goes_before_a_long_one_that_waits_unless_that_one_waited
     assert next(short).ahead == 2
     for stream in (first, long, short):
         stream.close()
-    assert not m._line and not m._waits
+    assert not m._line
