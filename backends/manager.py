@@ -4,8 +4,8 @@ Everything above (UI, API, terminal, the Python APIs) asks `ModelManager.reply` 
 (chat/reply.py), which calls `stream` once per round; nothing else talks to a backend. As many
 replies go to the engine at once as it takes (`backend.max_concurrent`: 4 per slot for llama.cpp,
 whose engine keeps its own line by KV room, 1 for transformers on a CPU, capped by --concurrency);
-the rest wait in a line, the shortest prompt first (for at most LINE_AGE_S), and are told their place. A conversation is fitted to the context before it
-takes its place, so a long chat never holds an engine slot while it is measured. Every wait
+the rest wait in a line, the shortest prompt first (for at most LINE_AGE_S), and are told their
+place. A conversation is fitted to the context before it takes its place, so a long chat never holds an engine slot while it is measured. Every wait
 here wakes when the reply's `Cancel` is set. A load gives the replies in flight a grace period,
 stops the rest (telling them why), then swaps the model; a load that fails puts the previous
 model back. Replies that wait for a load are told so (`Waiting.loading`), not a place in line;
@@ -336,10 +336,10 @@ class ModelManager:
         on an engine that answers one reply at a time (transformers on a CPU) a one-line question
         is not kept behind a pasted document that came a moment before it; but a reply that has
         waited LINE_AGE_S goes before any that came after it, so a long one is passed only so long."""
-        now = time.monotonic()
-        overdue = [t for t, (_, came) in self._line.items() if now - came > LINE_AGE_S]
-        rest = sorted((t for t in self._line if t not in overdue), key=lambda t: self._line[t][0])
-        return overdue + rest
+        now, overdue, rest = time.monotonic(), [], []
+        for ticket, (_, came) in self._line.items():  # in the order they came
+            (overdue if now - came > LINE_AGE_S else rest).append(ticket)
+        return overdue + sorted(rest, key=lambda t: self._line[t][0])
 
     def _try_admit(self, ticket: object, cancel: Cancel) -> bool:
         if self._swapping or self._order()[0] is not ticket or len(self._active) >= self.capacity() or cancel.is_set():

@@ -6,6 +6,7 @@ It is never used to test an engine."""
 from __future__ import annotations
 
 import threading
+import time
 
 from backends import register
 from backends.base import BackendError, Cancel, Clock, GenerationParams, Job, Message, Prompt, Usage
@@ -134,8 +135,6 @@ class FakeLlama:
         return _FakeSampler(self.TAG)
 
     def decode(self, batch) -> int:
-        import time
-
         rows = batch.rows_added
         added: dict[int, int] = {}
         for seq, _ in rows:
