@@ -26,9 +26,15 @@ def send(page, text):
 
 
 def wait_done(page, timeout=60):
-    """Until a reply has ended normally (a stopped one's status line says "stopped")."""
-    page.wait_for_function("(s => s.includes('tok/s') && !s.includes('stopped') && !s.includes('Thinking'))"
-                           "(document.querySelector('#status').innerText)", timeout=timeout * 1000)
+    """Until a reply has ended normally (a stopped one's status line says "stopped"). If it does
+    not, the failure says what the page showed (and tests/artifacts has its screenshot)."""
+    try:
+        page.wait_for_function("(s => s.includes('tok/s') && !s.includes('stopped') && !s.includes('Thinking'))"
+                               "(document.querySelector('#status').innerText)", timeout=timeout * 1000)
+    except Exception as e:  # noqa: BLE001 - Playwright's timeout says nothing of the page
+        page.screenshot(path=str(ARTIFACTS / "browser-wait-done-failed.png"))
+        raise AssertionError(f"no reply ended in {timeout} s: the status says {page.inner_text('#status')!r}; "
+                             f"the chat has {texts(page, USER)!r} and {texts(page, BOT)!r}") from e
 
 
 def test_chat_in_a_real_browser(page, app):

@@ -204,3 +204,20 @@ def test_a_stop_that_reaches_the_server_before_its_send_stops_it_when_it_begins(
     assert "stopped" not in other[2]
     *_, last = handlers.regenerate(page, clean_history(last[1]), "", book, *VALUES, "send-c")
     assert "stopped" in last[2]
+
+
+def test_a_page_load_that_comes_after_the_pages_first_send_does_not_bring_an_older_chat_back(handlers):
+    """The load event (restore) and a Send are queued apart: on a busy server the Send can run
+    first. The load then changes nothing (its chat would be older); another page's load is whole."""
+    from types import SimpleNamespace
+
+    from ui.conversations import browser_value, empty_book
+
+    page = SimpleNamespace(username=None, session_hash="page-late")
+    book = empty_book()
+    *_, last = handlers.respond("Hi", [], "", *VALUES, book, "send-1", request=page)
+    saved = browser_value(book)  # what the browser kept after that reply
+    assert all(out == gr.skip() for out in handlers.restore(None, request=page))
+    assert handlers.load_status(request=page) == gr.skip()  # the reply's own status line stays
+    other = handlers.restore(saved, request=SimpleNamespace(username=None, session_hash="page-2"))
+    assert [m["content"] for m in clean_history(other[1])][0] == "Hi"  # a fresh page still gets it back

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -49,7 +49,7 @@ from .chat import (
     to_messages,
     unmark,
 )
-from .conversations import SETTINGS, ConversationPanel, as_book, login, versions_menu
+from .conversations import SETTINGS, VIEW, ConversationPanel, as_book, login, versions_menu
 from .errors import checked, shown
 from .models import ModelPanel
 from .prompt_view import PromptView
@@ -89,6 +89,20 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
         self._live_lock = threading.Lock()
         # Per session, the last Sends a Stop named before they began (`stop`); a few are enough.
         self._stopped: dict[str, deque[str]] = {}
+        # Sessions that began a reply (the last STOPPED_SESSIONS): a page load that reaches the server
+        # after its first Send (restore's queue was busy) must not show the older chat over it.
+        self._began: OrderedDict[str, None] = OrderedDict()
+
+    def restore(self, saved: Any, request: gr.Request = None):
+        """Page load, unless this page already began a reply (its load waited in the queue behind
+        other pages' loads): the chat it shows is then newer than what the load would bring back."""
+        if _owner(request) in self._began:
+            return (gr.skip(),) * (VIEW + len(SETTINGS))
+        return super().restore(saved, request)
+
+    def load_status(self, request: gr.Request = None):
+        """The status line on page load, unless a reply of this page already wrote its own."""
+        return gr.skip() if _owner(request) in self._began else self.status(request)
 
     # ---- replies -------------------------------------------------------------------------
     def respond(
@@ -303,6 +317,10 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
                 if older is not None:
                     older.reply.cancel()
                 self._live[owner] = live
+                self._began[owner] = None
+                self._began.move_to_end(owner)
+                if len(self._began) > STOPPED_SESSIONS:
+                    self._began.popitem(last=False)
                 if target.send and target.send in (stopped := self._stopped.get(owner, ())):
                     stopped.remove(target.send)
                     reply.cancel()  # its Stop came first (it waited in the queue): it ends at once, stopped
