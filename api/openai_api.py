@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API, served on the same server as the page.
 
-GET /v1/models and POST /v1/chat/completions (streamed as server-sent events, or whole), over
-the same `Reply` as the page (chat/reply.py). Client-side `tools=` come back as `tool_calls`
+GET /v1/models, POST /v1/chat/completions and POST /v1/completions (a plain text prompt, read
+without the chat template), streamed as server-sent events or whole, over the same `Reply` as
+the page (chat/reply.py). Client-side `tools=` come back as `tool_calls`
 with finish_reason "tool_calls" (the client runs them and sends `tool` messages); a preset's
 server-side tools are run here when the client sends none. A reasoning model's thinking comes as
 `reasoning_content` beside `content` (as vLLM and llama.cpp's server send it); a conversation
@@ -26,7 +27,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from backends.base import BackendError, ContextOverflow, GenerationParams, ImageData, Message, ParamError, Usage
+from backends.base import (BackendError, ContextOverflow, GenerationParams, ImageData, Message, ParamError, Usage,
+                           valid_text)
 from backends.manager import ModelManager
 from chat.attachments import image_from_data_url
 from chat.formats import ToolCall, ToolFormat, calls_from_openai
@@ -35,17 +37,17 @@ from chat.tools import Toolset
 from web.policy import Limits
 
 
-class ChatRequest(BaseModel):
-    # Fields beyond these are refused with a 400 that names them (`refuse_unknown`), unless they
-    # change nothing here (HARMLESS): a client must never believe a setting was applied when it was not.
+class SamplingRequest(BaseModel):
+    """What chat and text completions share. Fields beyond those named are refused with a 400 that
+    names them (`refuse_unknown`), unless they change nothing here (HARMLESS): a client must never
+    believe a setting was applied when it was not."""
+
     model_config = ConfigDict(extra="allow")
 
     model: str = ""
-    messages: list[Any]
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -55,17 +57,33 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int = 1
     user: str | None = None
+    presence_penalty: float | None = None  # engines with the "penalties" feature (llama.cpp)
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None  # not taken: empty or absent only
+    repeat_penalty: float | None = None  # llama.cpp server's and Ollama's name for repetition_penalty
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[Any]
+    max_completion_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's; only enable_thinking is taken
-    presence_penalty: float | None = None  # engines with the "penalties" feature (llama.cpp)
-    frequency_penalty: float | None = None
     response_format: dict[str, Any] | None = None  # text, json_object, json_schema (llama.cpp: a grammar)
     logprobs: bool | None = None  # not given here: false or absent only
     top_logprobs: int | None = None
-    logit_bias: dict[str, Any] | None = None  # not taken: empty or absent only
-    repeat_penalty: float | None = None  # llama.cpp server's and Ollama's name for repetition_penalty
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions: a plain text prompt, read as it is (no chat template)."""
+
+    prompt: Any = None  # a string (or a list holding one string)
+    max_tokens: int | None = 16  # OpenAI's default for text completions
+    echo: bool = False  # the prompt comes back before the completion
+    suffix: str | None = None  # not taken (fill-in-the-middle): absent only
+    best_of: int | None = None  # 1 or absent only
+    logprobs: int | None = None  # not given here: absent only
 
 
 # Fields that change nothing in what Confab answers: taken without a word (OpenAI's bookkeeping
@@ -76,7 +94,7 @@ HARMLESS = {"metadata", "store", "service_tier", "prompt_cache_key", "safety_ide
             "continue_final_message", "add_generation_prompt"}
 
 
-def refuse_unknown(req: ChatRequest) -> None:
+def refuse_unknown(req: SamplingRequest) -> None:
     """A 400 naming the first field Confab would otherwise ignore, or a value of one it cannot give."""
     extra = dict(req.model_extra or {})
     if extra.get("modalities") in (["text"], None):
@@ -86,7 +104,14 @@ def refuse_unknown(req: ChatRequest) -> None:
         names = ", ".join(unknown)
         raise _bad(f"{names} {'is' if len(unknown) == 1 else 'are'} not supported by this server; remove "
                    f"{'it' if len(unknown) == 1 else 'them'} from the request.", unknown[0])
-    if req.logprobs or req.top_logprobs:
+    if isinstance(req, CompletionRequest):
+        if req.logprobs is not None:
+            raise _bad("logprobs are not given by this server; leave logprobs out.", "logprobs")
+        if req.suffix:
+            raise _bad("suffix (fill in the middle) is not supported by this server; leave it out.", "suffix")
+        if req.best_of not in (None, 1):
+            raise _bad("Only best_of=1 is supported: ask again for another completion.", "best_of")
+    elif req.logprobs or req.top_logprobs:
         raise _bad("logprobs are not given by this server; leave logprobs and top_logprobs out.",
                    "logprobs" if req.logprobs else "top_logprobs")
     if req.logit_bias:
@@ -251,16 +276,18 @@ def _bad(message: str, param: str | None = None) -> "ApiError":
     return ApiError(400, message, "invalid_request_error", param)
 
 
-def to_params(req: ChatRequest, base: GenerationParams, limits: Limits) -> GenerationParams:
+def to_params(req: SamplingRequest, base: GenerationParams, limits: Limits) -> GenerationParams:
     if req.n != 1:
         raise _bad("Only n=1 is supported: ask again for another answer.", "n")
     refuse_unknown(req)
+    chat = req if isinstance(req, ChatRequest) else ChatRequest(messages=[])  # a completion has none of its fields
     changes: dict[str, Any] = {
-        "max_new_tokens": req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
+        "max_new_tokens": chat.max_completion_tokens if chat.max_completion_tokens is not None else req.max_tokens,
         "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
         "repetition_penalty": req.repetition_penalty if req.repetition_penalty is not None else req.repeat_penalty,
-        "seed": req.seed, "stop": req.stop, "thinking": enable_thinking(req.chat_template_kwargs), "presence_penalty": req.presence_penalty,
-        "frequency_penalty": req.frequency_penalty, "json_schema": json_schema_of(req.response_format) or None,
+        "seed": req.seed, "stop": req.stop, "thinking": enable_thinking(chat.chat_template_kwargs),
+        "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
+        "json_schema": json_schema_of(chat.response_format) or None, "raw": isinstance(req, CompletionRequest) or None,
     }
     changes = {k: v for k, v in changes.items() if v is not None}
     if "temperature" in changes:
@@ -333,23 +360,68 @@ def build_router(manager: ModelManager, model_id: Any, limits: Limits | None = N
             # On a worker thread: pictures are decoded to be checked, which must not hold the event loop.
             messages = await anyio.to_thread.run_sync(to_messages, req.messages, limits, tool_format(manager))
             _readable(manager, messages)
-            params = to_params(req, limits.clamp(manager.default_params()), limits)
+            params = checked_params(req)
             tools = client_tools(req, limits)
         except ApiError as e:
             return e.response()
         # The preset's own tools run for clients that send none; "none" means none at all.
         own = None if tools or req.tool_choice == "none" else server_tools()
         reply = manager.reply(messages, params, owner(request, req.user), tools=own, client_tools=tools)
-        completion = Completion(reply, name)
-        if req.stream:
-            include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(completion.events(include_usage), media_type="text/event-stream")
+        return await _answer(request, req, Completion(reply, name))
+
+    @router.post("/completions")
+    async def completions(request: Request) -> Any:
+        """A plain text prompt, continued as it is (what lm-eval and lagent's client send)."""
         try:
-            return await _unless_gone(request, completion)
+            req = await _read(request, CompletionRequest)
+            name = loaded_id(req.model)
+            text = prompt_text(req.prompt, limits)
+            params = checked_params(req)
         except ApiError as e:
             return e.response()
+        reply = manager.reply([Message("user", text)], params, owner(request, req.user))
+        completion = TextCompletion(reply, name, text if req.echo else "")
+        return await _answer(request, req, completion)
+
+    def checked_params(req: SamplingRequest) -> GenerationParams:
+        params = to_params(req, limits.clamp(manager.default_params()), limits)
+        try:
+            manager.check_params(params)  # a setting this engine lacks: a 400 now, not an error mid-stream
+        except ParamError as e:
+            raise _bad(str(e)) from e
+        except BackendError:  # unloaded meanwhile: the reply itself says so
+            pass
+        return params
 
     return router
+
+
+async def _answer(request: Request, req: SamplingRequest, completion: "Completion") -> Any:
+    """Streamed as server-sent events, or whole."""
+    if req.stream:
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        return StreamingResponse(completion.events(include_usage), media_type="text/event-stream")
+    try:
+        return await _unless_gone(request, completion)
+    except ApiError as e:
+        return e.response()
+
+
+def prompt_text(prompt: Any, limits: Limits) -> str:
+    """A completion's prompt: text, or a list holding one text."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise _bad("prompt must be a string (one prompt per request; token ids are not taken: send the text).",
+                   "prompt")
+    if not prompt:
+        raise _bad("prompt is empty: give the text to continue.", "prompt")
+    prompt = valid_text(prompt)
+    try:
+        limits.check_text("prompt", prompt)
+    except ParamError as e:
+        raise _bad(str(e), "prompt") from e
+    return prompt
 
 
 async def _unless_gone(request: Request, completion: "Completion") -> dict[str, Any]:
@@ -368,7 +440,7 @@ async def _unless_gone(request: Request, completion: "Completion") -> dict[str, 
         completion.reply.cancel()  # a no-op once it ended; stops it if this task was cancelled
 
 
-async def _read(request: Request) -> ChatRequest:
+async def _read(request: Request, kind: type[SamplingRequest] = ChatRequest) -> Any:
     try:
         data = await request.json()
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -376,7 +448,7 @@ async def _read(request: Request) -> ChatRequest:
     if not isinstance(data, dict):
         raise _bad(f"The request body must be a JSON object, got {type(data).__name__}.")
     try:
-        return ChatRequest.model_validate(data)
+        return kind.model_validate(data)
     except ValidationError as e:
         problems = [(".".join(map(str, err["loc"])), err["msg"]) for err in e.errors()]
         raise _bad("Invalid request: " + "; ".join(f"{loc}: {msg}" for loc, msg in problems[:5]),
@@ -397,12 +469,17 @@ class Completion:
         self.reply, self.model = reply, model
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def whole(self) -> dict[str, Any]:
-        reply = self.reply.wait()
+    @staticmethod
+    def _ended(reply: Reply) -> Reply:
+        """The ended reply, or the API error it ended with."""
         if reply.error is not None:
             raise _status_for(reply.error)
         if reply.stop_reason:  # stopped by the server (a model swap), not by this client: not a whole answer
             raise ApiError(503, reply.stop_reason, "server_error")
+        return reply
+
+    def whole(self) -> dict[str, Any]:
+        reply = self._ended(self.reply.wait())
         message: dict[str, Any] = {"role": "assistant", "content": reply.text}
         if reply.reasoning:  # as vLLM and llama.cpp's server give it: beside the answer, never in it
             message["reasoning_content"] = reply.reasoning
@@ -414,10 +491,25 @@ class Completion:
             "usage": _usage(reply.usage),
         }
 
+    def _opening(self) -> list[str]:
+        return [self._event({"role": "assistant", "content": ""})]
+
+    def _piece(self, event: Any) -> str | None:
+        if isinstance(event, Text):
+            return self._event({"content": event.text})
+        if isinstance(event, Thinking):
+            return self._event({"reasoning_content": event.text})
+        return None
+
+    def _ending(self, reply: Reply) -> list[str]:
+        calls = [self._event({"tool_calls": [{"index": i, **_call_json(c)} for i, c in enumerate(reply.calls)]})]
+        return [*(calls if reply.calls else []), self._event({}, finish=_finish(reply.finish_reason))]
+
     async def events(self, include_usage: bool) -> AsyncIterator[str]:
         events, done = iter(self.reply), object()
         try:
-            yield self._event({"role": "assistant", "content": ""})
+            for opening in self._opening():
+                yield opening
             while True:
                 # The reply blocks between tokens: read it on a worker thread. A client that goes
                 # away cancels this task at once (abandon_on_cancel), and `finally` cancels the reply,
@@ -425,29 +517,59 @@ class Completion:
                 event = await anyio.to_thread.run_sync(next, events, done, abandon_on_cancel=True)
                 if event is done:
                     break
-                if isinstance(event, Text):
-                    yield self._event({"content": event.text})
-                elif isinstance(event, Thinking):
-                    yield self._event({"reasoning_content": event.text})
-            reply = self.reply
-            if reply.error is not None or reply.stop_reason:
-                error = _status_for(reply.error) if reply.error is not None else \
-                    ApiError(503, reply.stop_reason, "server_error")
+                piece = self._piece(event)
+                if piece is not None:
+                    yield piece
+            try:
+                reply = self._ended(self.reply)
+            except ApiError as error:
                 yield _sse({"error": {"message": error.message, "type": error.kind, "code": error.status}})
             else:
-                if reply.calls:
-                    yield self._event({"tool_calls": [{"index": i, **_call_json(c)} for i, c in enumerate(reply.calls)]})
-                yield self._event({}, finish=_finish(reply.finish_reason))
+                for ending in self._ending(reply):
+                    yield ending
                 if include_usage:
-                    yield _sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                    yield _sse({"id": self.id, "object": self._chunk_kind, "created": self.created,
                                 "model": self.model, "choices": [], "usage": _usage(reply.usage)})
             yield "data: [DONE]\n\n"
         finally:
             self.reply.cancel()  # a no-op once it ended; stops the engine for a client that went away
 
-    def _event(self, delta: dict[str, Any], finish: str | None = None) -> str:
-        return _sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+    _chunk_kind = "chat.completion.chunk"
+
+    def _event(self, delta: Any, finish: str | None = None) -> str:
+        return _sse({"id": self.id, "object": self._chunk_kind, "created": self.created, "model": self.model,
                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+
+class TextCompletion(Completion):
+    """One text completion (POST /v1/completions): the model's text as it came, after the prompt
+    when `echo` is given."""
+
+    def __init__(self, reply: Reply, model: str, echo: str = "") -> None:
+        super().__init__(reply, model)
+        self.id, self.echo = f"cmpl-{uuid.uuid4().hex}", echo
+
+    def whole(self) -> dict[str, Any]:
+        reply = self._ended(self.reply.wait())
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "text": self.echo + reply.text, "logprobs": None,
+                             "finish_reason": _finish(reply.finish_reason)}],
+                "usage": _usage(reply.usage)}
+
+    def _opening(self) -> list[str]:
+        return [self._event(self.echo)] if self.echo else []
+
+    def _piece(self, event: Any) -> str | None:
+        return self._event(event.text) if isinstance(event, Text) else None
+
+    def _ending(self, reply: Reply) -> list[str]:
+        return [self._event("", finish=_finish(reply.finish_reason))]
+
+    _chunk_kind = "text_completion"
+
+    def _event(self, text: Any, finish: str | None = None) -> str:
+        return _sse({"id": self.id, "object": self._chunk_kind, "created": self.created, "model": self.model,
+                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})
 
 
 def _call_json(call: ToolCall) -> dict[str, Any]:

@@ -156,6 +156,9 @@ class GenerationParams:
     # The reply must be JSON that this JSON schema (as text) accepts; "" for free text. Only
     # engines that name "json_schema" in their `features` take it.
     json_schema: str = ""
+    # The last message's text is the whole prompt, as it is: no chat template (POST /v1/completions).
+    # Only engines that name "raw" in their `features` take it.
+    raw: bool = False
 
     def __post_init__(self) -> None:
         # Normalise types first so the checks below compare numbers, not strings.
@@ -166,8 +169,9 @@ class GenerationParams:
             object.__setattr__(self, name, _as_number(name, getattr(self, name), float))
         if self.seed is not None:
             object.__setattr__(self, "seed", _as_number("seed", self.seed, int))
-        if not isinstance(self.do_sample, bool):
-            raise ParamError(f"do_sample must be true or false, got {self.do_sample!r}.")
+        for name in ("do_sample", "raw"):
+            if not isinstance(getattr(self, name), bool):
+                raise ParamError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         if self.thinking is not None and not isinstance(self.thinking, bool):
             raise ParamError(f"thinking must be true, false or empty (the chat template's default), "
                              f"got {self.thinking!r}.")
@@ -210,6 +214,8 @@ class GenerationParams:
             wanted.add("penalties")
         if self.json_schema:
             wanted.add("json_schema")
+        if self.raw:
+            wanted.add("raw")
         return wanted
 
     @property

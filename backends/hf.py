@@ -19,7 +19,7 @@ import threading
 import weakref
 from typing import Any, Iterator
 
-from . import register
+from . import register, zerogpu
 from .base import BackendError, Cancel, GenerationParams, Message, ModelSpec, ProgressFn, Prompt, Usage
 from .hf_vision import Placed, Vision, cache_keys, is_vision, reusable
 from .hf_engine import STOPPED, HFJob, InferenceThread, TokenCounter, read_text, sampling_kwargs
@@ -63,6 +63,7 @@ class TransformersBackend(LocalEngine):
         self._text_stops: tuple[str, ...] = ()
         self._inference: InferenceThread | None = None
         self.vision: Vision | None = None  # a vision model's processor
+        self._zero_key = ""  # on ZeroGPU: this model's key in zerogpu.MODELS
 
     # ---- loading -------------------------------------------------------------------------
     def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> None:
@@ -90,6 +91,9 @@ class TransformersBackend(LocalEngine):
         self.n_ctx = spec.n_ctx or int(getattr(text_config, "max_position_embeddings", 0) or 2048)
         self._setup_template(spec)
         self._start_inference()
+        if zerogpu.active():  # each reply runs in ZeroGPU's worker, which finds this model by its key
+            self._zero_key = f"{spec.name}@{id(self)}"
+            zerogpu.MODELS[self._zero_key] = self
         progress and progress(1.0, f"Loaded {spec.name}")
 
     def _load_weights(self, spec: ModelSpec, where: Location, placement: dict[str, Any], transformers: Any,
@@ -182,6 +186,8 @@ class TransformersBackend(LocalEngine):
         if engine is not None and not engine.close(UNLOAD_WAIT_S):  # unload is not on the event loop
             log.warning("the transformers inference thread is still in a step; its memory is freed when it ends")
         self.caches.clear()
+        zerogpu.MODELS.pop(self._zero_key, None)
+        self._zero_key = ""
         self.model = self.draft = self.tokenizer = self.vision = None
         if had_model:
             release_memory()
@@ -196,6 +202,11 @@ class TransformersBackend(LocalEngine):
         if self.vision is not None:  # each picture's image token becomes its span of tokens
             ids, public, placed = self.vision.place(ids, public, [i for m in messages for i in m.images])
         return Prompt("".join(s.text for s in segments), ids, self._text_stops, public, images=placed)
+
+    def plain(self, text: str) -> Prompt:
+        self._require_loaded()
+        # The tokenizer's own special tokens (a BOS where the model wants one), content never parsed for them
+        return Prompt(text, self.tokenizer(text, split_special_tokens=True)["input_ids"])
 
     def _encode(self, text: str, special: bool) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"]
@@ -229,6 +240,9 @@ class TransformersBackend(LocalEngine):
 
     def _run_reply(self, reply: "HFJob") -> None:
         """On the inference thread: generate one reply into its streamer; keep its KV cache."""
+        if self._zero_key:
+            self._run_on_zero_gpu(reply)
+            return
         torch, transformers = _import_engine()
         keys = cache_keys(reply.ids, reply.images)  # the ids, each picture marked as itself
         try:
@@ -246,6 +260,45 @@ class TransformersBackend(LocalEngine):
             return
         if "past_key_values" in kwargs and self._inference is not None:  # not once unload has cleared them
             self._keep_cache(reply.session_id, reply.counter, keys, cache)
+
+    def _run_on_zero_gpu(self, reply: "HFJob") -> None:
+        """On ZeroGPU (backends/zerogpu.py): the reply is generated in the platform's GPU worker and
+        its token ids come back here, into the reply's own streamer. No KV cache is kept between
+        turns: the worker's memory is not this process's. A stopped reply stops reading; the worker
+        ends at max_new_tokens or its end of text, within the GPU time the call asked for."""
+        torch, _ = _import_engine()
+        stream = None
+        try:
+            if reply.images or self.draft is not None:
+                raise BackendError("On ZeroGPU this transformers model must be a text model without a draft_model "
+                                   "(pictures and assisted generation are not sent to the GPU worker).")
+            reply.streamer.put(torch.tensor([reply.ids]))  # the prompt first, as generate gives it (skipped)
+            stream = zerogpu.generate(self._zero_key, reply.ids, reply.params)
+            for ids in stream:
+                reply.streamer.put(torch.tensor(ids))
+                reply.counter.generated += len(ids)
+                if reply.counter.should_stop():
+                    break
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, re-raised there
+            log.exception("generation on ZeroGPU failed")
+            reply.failure.append(e)
+        finally:
+            if stream is not None:
+                stream.close()
+            reply.streamer.end()
+
+    def generate_plain(self, ids: list[int], params: GenerationParams, streamer: Any) -> None:
+        """Generate a reply to `ids` into `streamer`, with no cache and no switches (in ZeroGPU's
+        worker, where nothing of the server's replies is)."""
+        torch, transformers = _import_engine()
+        device = self.model.device
+        with torch.inference_mode():
+            self.model.generate(
+                input_ids=torch.tensor([ids], device=device),
+                attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
+                streamer=streamer, eos_token_id=self._eos_ids or None,
+                pad_token_id=self.tokenizer.pad_token_id or (self._eos_ids[0] if self._eos_ids else None),
+                **sampling_kwargs(params, transformers))
 
     def _generate_kwargs(self, reply: "HFJob", cache: Any, torch: Any, transformers: Any) -> dict[str, Any]:
         ids, device = reply.ids, self.model.device

@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
-from . import register
+from . import register, zerogpu
 from .base import (BackendError, Cancel, GenerationParams, ImageData, Message, ModelSpec, ParamError, ProgressFn, Prompt,
                    Usage, Waiting)
 from .hub import download
@@ -53,7 +53,7 @@ def default_threads() -> int:
 @register("llamacpp")
 class LlamaCppBackend(LocalEngine):
     ENGINE_KEYS = {"parallel": 8, "kv_cells": None, "n_batch": 512}
-    features = frozenset({"penalties", "json_schema"})  # GenerationParams.features() it honours
+    features = frozenset({"penalties", "json_schema", "raw"})  # GenerationParams.features() it honours
 
     def prepare(self, messages: list[Message], params: GenerationParams, tools: list[dict[str, Any]] | None = None):
         grammar_of(params.json_schema)  # a schema it cannot follow is refused before the reply waits in line
@@ -77,6 +77,8 @@ class LlamaCppBackend(LocalEngine):
         return self.projector is not None
 
     def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> None:
+        if spec.n_gpu_layers and zerogpu.active():
+            raise BackendError(zerogpu.CANNOT["llamacpp"])
         lib = Lib()
         options = engine_options(spec, self.ENGINE_KEYS)
         located = self.check(spec)
@@ -186,6 +188,13 @@ class LlamaCppBackend(LocalEngine):
 
     def _encode(self, text: str, special: bool) -> list[int]:
         return self.model.tokenize(text, special)
+
+    def plain(self, text: str) -> Prompt:
+        self._require_loaded()
+        ids, bos = self._encode(text, False), self.model.bos()
+        if self._add_bos and bos >= 0:
+            ids.insert(0, bos)
+        return Prompt(text, ids)
 
     def _loaded(self) -> bool:
         return self.engine is not None

@@ -200,6 +200,11 @@ class ModelManager:
         (the API asks before it answers; every reply is checked again when it is prepared)."""
         refuse_images(self._require(), messages)
 
+    def check_params(self, params: GenerationParams) -> None:
+        """A ParamError if the loaded engine cannot honour a setting (the API asks before it
+        answers, so the client gets a 400 rather than an error inside a stream)."""
+        refuse_unsupported(self._require(), params)
+
     def count_tokens(self, text: str) -> int:
         """`text`'s length in the loaded model's tokens (an estimate for remote engines), e.g. for
         an attached file (chat/attachments.py)."""
@@ -351,16 +356,20 @@ class ModelManager:
 
 LINE_AGE_S = 30.0  # how long a reply waiting in the manager's line may be passed by shorter prompts
 
-FEATURES = {"penalties": "presence_penalty and frequency_penalty", "json_schema": "JSON output (response_format)"}
+FEATURES = {  # what each is called, and which engines have it
+    "penalties": ("presence_penalty and frequency_penalty", "the llama.cpp engine has them"),
+    "json_schema": ("JSON output (response_format)", "the llama.cpp engine has it"),
+    "raw": ("A plain text prompt (/v1/completions)", "the llama.cpp, transformers and remote OpenAI engines have it"),
+}
 
 
 def refuse_unsupported(backend: Backend, params: GenerationParams) -> None:
     """A setting the loaded engine cannot honour is refused, never silently ignored."""
     missing = sorted(params.features() - set(getattr(backend, "features", ())))
     if missing:
-        names = " and ".join(FEATURES[m] for m in missing)
+        names = " and ".join(FEATURES[m][0] for m in missing)
         raise ParamError(f"{names[0].upper()}{names[1:]} is not available with the {getattr(backend, 'name', '?')} "
-                         "engine here; the llama.cpp engine has it.")
+                         f"engine here; {'; '.join(FEATURES[m][1] for m in missing)}.")
 
 
 def _with_prompt(chunks: Iterator[Chunk], prompt: Prompt | None) -> Iterator[Chunk]:

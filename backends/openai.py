@@ -35,6 +35,7 @@ def _import_client() -> Any:
 @register("openai")
 class OpenAIBackend(EngineTemplated):
     max_concurrent = 64  # the server schedules and batches; Confab just keeps the streams apart
+    features = frozenset({"raw"})  # a raw prompt goes to the server's /v1/completions
     def __init__(self) -> None:
         self.client: Any = None
         self.spec: ModelSpec | None = None
@@ -117,12 +118,15 @@ class OpenAIBackend(EngineTemplated):
         # No `user` field: session ids must stay secret (Gradio's queue is keyed by them), and the
         # server would gain nothing from them that Confab could vouch for.
         request = self._request(messages, params)
+        chat = self.template is None and not params.raw
         with self._errors():
-            if self.template is None:
+            if chat:
                 stream = self.client.chat.completions.create(**request)
             else:
-                request["prompt"] = render_text(self.template, request.pop("messages"),
-                                                **template_context(thinking=params.thinking))
+                request.pop("messages")
+                request["prompt"] = messages[-1].content if params.raw else render_text(
+                    self.template, messages, **template_context(thinking=params.thinking))
+                request.get("extra_body", {}).pop("chat_template_kwargs", None)
                 stream = self.client.completions.create(**request)
         n, finished, thinking = 0, False, False
         # A cancel closes the HTTP response from whichever thread sets it: the read blocked in this
@@ -138,7 +142,7 @@ class OpenAIBackend(EngineTemplated):
                         n = event.usage.completion_tokens or n
                     for choice in event.choices or ():
                         finished = finished or bool(choice.finish_reason)
-                        if self.template is None:
+                        if chat:
                             text, thinking = inline_reasoning(choice.delta, thinking)
                         else:
                             text = choice.text or ""

@@ -191,6 +191,7 @@ class LocalEngine:
 
     template: Any = None  # the ChatTemplate in use, set by load()
     takes_images = False  # a vision model reads the images of user messages
+    features = frozenset({"raw"})  # GenerationParams.features() it honours
 
     @property
     def takes_tools(self) -> bool:
@@ -202,10 +203,25 @@ class LocalEngine:
     ) -> Job:
         self._require_loaded()
         refuse_images(self, messages)
+        if params.raw:
+            return Job(messages, params, self._raw_prompt(messages[-1].content, params))
         encode = memoized(self._encode)
         prompt, dropped = fit_context(lambda m: self.render(m, tools=tools, encode=encode, thinking=params.thinking),
                                       messages, params, self.n_ctx)
         return Job(messages, params, prompt, dropped)
+
+    def _raw_prompt(self, text: str, params: GenerationParams) -> Prompt:
+        """`text` as the whole prompt (no template; the model's BOS first if it wants one)."""
+        params.check_context(self.n_ctx)
+        prompt = self.plain(text)
+        if len(prompt.token_ids) + params.max_new_tokens > self.n_ctx:
+            raise ContextOverflow(f"The prompt is {len(prompt.token_ids):,} tokens and max_tokens is "
+                                  f"{params.max_new_tokens:,}; together they must fit the model's context of "
+                                  f"{self.n_ctx:,}. Shorten the prompt or lower max_tokens.")
+        return prompt
+
+    def plain(self, text: str) -> Prompt:  # pragma: no cover - each engine tokenizes its own way
+        raise NotImplementedError
 
     def run(self, job: Job, session_id: str | None = None, cancel: Cancel | None = None) -> Iterator[Chunk]:
         """Generate a prepared reply. `session_id` names whose conversation this is: an engine
@@ -297,7 +313,7 @@ class EngineTemplated:
         refuse_images(self, messages)
         if self.n_ctx:
             params.check_context(self.n_ctx)
-        if self.template is None:
+        if self.template is None or params.raw:  # the server's template, or none (a raw prompt goes as it is)
             return Job(messages, params)
         # Confab renders the prompt, so its template's stop words apply, and the chat layer may read it.
         params = params.replace(stop=(*params.stop, *self.template.stop))

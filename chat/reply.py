@@ -35,7 +35,7 @@ from backends.base import BackendError, Cancel, Chunk, GenerationParams, Message
 
 from . import formats
 from .formats import CallFilter, ToolCall, ToolFormat
-from .thinking import ThinkSplitter, opens_thinking
+from .thinking import ThinkSplitter, Verbatim, opens_thinking
 from .tools import Toolset, ToolStep, tools_prompt, transcript_messages, with_system_note
 
 log = logging.getLogger(__name__)
@@ -185,12 +185,12 @@ class Reply:
                shown: CallFilter | None) -> Iterator[Text | Thinking | Waiting]:
         """One round from the engine as events; returns (the answer's raw text, calls and all, for
         the tool parser; the last chunk). Thinking goes to `Thinking` events only."""
-        split, said, last = ThinkSplitter(), "", None
+        split, said, last = Verbatim() if params.raw else ThinkSplitter(), "", None
         for item in self.manager.stream(messages, params, self.session, tools=schemas, cancel=self._cancel):
             if isinstance(item, Waiting):
                 yield item
                 continue
-            if item.prompt is not None:
+            if item.prompt is not None and not params.raw:
                 split = ThinkSplitter(opens_thinking(item.prompt.text))
             if item.finish_reason is not None:
                 last = item

@@ -94,3 +94,14 @@ def _partial_tail(text: str, tag: str) -> int:
         if tag.startswith(text[-n:]):
             return n
     return 0
+
+
+class Verbatim(ThinkSplitter):
+    """No thinking to split off: all of it is answer, as it came (a raw prompt's completion, where
+    a `<think>` or leading space is the text itself)."""
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        return "", delta
+
+    def finish(self) -> tuple[str, str]:
+        return "", ""

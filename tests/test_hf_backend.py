@@ -9,7 +9,7 @@ from conftest import hf_spec
 import torch
 
 from backends import create
-from backends.base import BackendError, GenerationParams, Message, ModelSpec, ParamError
+from backends.base import BackendError, ContextOverflow, GenerationParams, Message, ModelSpec, ParamError
 
 QUESTION = [Message("user", "what is the capital of france?")]
 
@@ -67,6 +67,25 @@ def test_user_text_with_control_tokens_stays_text(hf):
     # The template's own turns only: user + assistant header, one end for the user turn.
     assert prompt.token_ids.count(start) == 2 and prompt.token_ids.count(end) == 1
     assert evil in prompt.text
+
+
+def test_a_raw_prompt_is_read_as_it_is_and_continued_like_generate(hf):
+    """/v1/completions: no template around the text, control tokens in it stay text, and the
+    continuation is transformers' own greedy generate from those ids."""
+    tok = hf.tokenizer
+    text = "The capital of France <|im_start|> is"
+    params = GenerationParams(do_sample=False, max_new_tokens=12, repetition_penalty=1.0, raw=True)
+    job = hf.prepare([Message("user", text)], params)
+    assert job.prompt.token_ids == tok(text, split_special_tokens=True)["input_ids"]
+    assert tok.convert_tokens_to_ids("<|im_start|>") not in job.prompt.token_ids
+    got, last = collect(hf.run(job))
+    ids = torch.tensor([job.prompt.token_ids])
+    out = hf.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                            max_new_tokens=12, pad_token_id=0)
+    assert got == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert last.usage.prompt_tokens == ids.shape[1]
+    with pytest.raises(ContextOverflow, match="max_tokens"):  # prompt + reply beyond the context
+        hf.prepare([Message("user", "word " * hf.n_ctx)], params)
 
 
 def test_bad_parameters_raise_clear_backend_errors(hf):

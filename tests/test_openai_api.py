@@ -251,3 +251,34 @@ def test_one_model_can_be_retrieved_by_id(client):
     assert client.models.retrieve("smollm2-llamacpp").id == "smollm2-llamacpp"
     with pytest.raises(openai.NotFoundError, match="not loaded here"):
         client.models.retrieve("gpt-4")
+
+
+def test_text_completions_read_the_prompt_as_it_is(client, keyed_app):
+    """POST /v1/completions (what lm-eval and lagent's client send): the prompt without the chat
+    template, continued; streamed pieces make the whole text; echo puts the prompt first."""
+    prompt = "The capital of France is"
+    r = client.completions.create(model="smollm2-llamacpp", prompt=prompt, max_tokens=8, temperature=0)
+    chat = client.chat.completions.create(model="smollm2-llamacpp", max_tokens=1, temperature=0,
+                                          messages=[{"role": "user", "content": prompt}])
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+    assert r.usage.prompt_tokens < 10 < chat.usage.prompt_tokens  # no template around it
+    assert r.usage.completion_tokens <= 8 and r.choices[0].finish_reason in ("length", "stop")
+    assert "Paris" in r.choices[0].text and r.choices[0].text.startswith(" ")  # the leading space is kept
+    pieces = [e.choices[0].text for e in client.completions.create(
+        model="smollm2-llamacpp", prompt=prompt, max_tokens=8, temperature=0, stream=True) if e.choices]
+    assert len([p for p in pieces if p]) > 1 and "".join(pieces) == r.choices[0].text
+    echoed = client.completions.create(model="smollm2-llamacpp", prompt=[prompt], max_tokens=8, temperature=0,
+                                       echo=True)
+    assert echoed.choices[0].text == prompt + r.choices[0].text
+    default = client.completions.create(model="smollm2-llamacpp", prompt="Once upon a time", temperature=0)
+    assert default.usage.completion_tokens <= 16  # OpenAI's default max_tokens for completions
+    base = {"model": "smollm2-llamacpp", "prompt": prompt, "max_tokens": 4}
+    for change, field in (({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"),
+                          ({"prompt": ""}, "prompt"), ({"prompt": None}, "prompt"), ({"suffix": "end."}, "suffix"),
+                          ({"best_of": 2}, "best_of"), ({"logprobs": 1}, "logprobs"), ({"n": 2}, "n"),
+                          ({"made_up": 1}, "made_up"), ({"max_tokens": 0}, "max_new_tokens")):
+        r = httpx.post(keyed_app.url + "/v1/completions", json={**base, **change},
+                       headers={"Authorization": "Bearer test-key"})
+        assert r.status_code == 400 and field in r.text, (change, r.text)
+    r = httpx.post(keyed_app.url + "/v1/completions", json=base)
+    assert r.status_code == 401  # the door guards it like the rest of /v1
