@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     chat = bool(argv) and argv[0] == "chat"  # `python app.py chat ...`: the terminal chat
     args = parse_args(argv[1:] if chat else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from backends import zerogpu
+
+    zerogpu.setup()  # on a ZeroGPU Space, `spaces` first: it must patch torch before anything imports it
     from presets import PresetError, load_model_presets, load_sampling_presets
 
     try:

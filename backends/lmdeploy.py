@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Any, Iterator
 
-from . import register
+from . import register, zerogpu
 from .base import BackendError, Cancel, GenerationParams, Message, ModelSpec, ProgressFn, Usage
 from .hub import download
 from .locate import Location, locate
@@ -137,6 +137,8 @@ class LMDeployBackend(EngineTemplated):
         return where
 
     def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> None:
+        if zerogpu.active():
+            raise BackendError(zerogpu.CANNOT["lmdeploy"])
         where = self.check(spec)
         lmdeploy = _import_engine()
         import lmdeploy.messages as messages
