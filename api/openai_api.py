@@ -17,7 +17,10 @@ not, cancels its reply, which stops the engine. Knows HTTP, not Gradio or engine
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import queue
+import threading
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
@@ -277,8 +280,9 @@ def _bad(message: str, param: str | None = None) -> "ApiError":
 
 
 def to_params(req: SamplingRequest, base: GenerationParams, limits: Limits) -> GenerationParams:
-    if req.n != 1:
-        raise _bad("Only n=1 is supported: ask again for another answer.", "n")
+    if not 1 <= req.n <= MAX_N:
+        raise _bad(f"n must be from 1 to {MAX_N} (the choices are written at once, beside other people's "
+                   "replies); ask again for more.", "n")
     refuse_unknown(req)
     chat = req if isinstance(req, ChatRequest) else ChatRequest(messages=[])  # a completion has none of its fields
     changes: dict[str, Any] = {
@@ -298,6 +302,17 @@ def to_params(req: SamplingRequest, base: GenerationParams, limits: Limits) -> G
     except ParamError as e:
         raise _bad(str(e)) from e
     return params
+
+
+MAX_N = 4  # choices one request may ask for: each takes an engine slot
+
+
+def each_choice(params: GenerationParams, n: int) -> list[GenerationParams]:
+    """The settings of each of `n` choices: with a seed, choice i samples with seed + i (the
+    same seed would give n copies of one answer; greedy ones are the same anyway)."""
+    if n == 1 or params.seed is None:
+        return [params] * n
+    return [params.replace(seed=(params.seed + i) % 2**63) for i in range(n)]
 
 
 def enable_thinking(kwargs: dict[str, Any] | None) -> bool | None:
@@ -366,8 +381,9 @@ def build_router(manager: ModelManager, model_id: Any, limits: Limits | None = N
             return e.response()
         # The preset's own tools run for clients that send none; "none" means none at all.
         own = None if tools or req.tool_choice == "none" else server_tools()
-        reply = manager.reply(messages, params, owner(request, req.user), tools=own, client_tools=tools)
-        return await _answer(request, req, Completion(reply, name))
+        replies = [manager.reply(messages, p, owner(request, req.user), tools=own, client_tools=tools)
+                   for p in each_choice(params, req.n)]
+        return await _answer(request, req, Completion(replies, name))
 
     @router.post("/completions")
     async def completions(request: Request) -> Any:
@@ -379,12 +395,15 @@ def build_router(manager: ModelManager, model_id: Any, limits: Limits | None = N
             params = checked_params(req)
         except ApiError as e:
             return e.response()
-        reply = manager.reply([Message("user", text)], params, owner(request, req.user))
-        completion = TextCompletion(reply, name, text if req.echo else "")
-        return await _answer(request, req, completion)
+        replies = [manager.reply([Message("user", text)], p, owner(request, req.user))
+                   for p in each_choice(params, req.n)]
+        return await _answer(request, req, TextCompletion(replies, name, text if req.echo else ""))
 
     def checked_params(req: SamplingRequest) -> GenerationParams:
         params = to_params(req, limits.clamp(manager.default_params()), limits)
+        if req.n > 1 and manager.capacity() < req.n:  # the engine would answer them one after another
+            raise _bad(f"n={req.n} needs {req.n} replies at once; the {manager.describe().get('backend')} engine here "
+                       f"answers {manager.capacity()} at a time. Ask with a smaller n, or ask again.", "n")
         try:
             manager.check_params(params)  # a setting this engine lacks: a 400 now, not an error mid-stream
         except ParamError as e:
@@ -430,14 +449,14 @@ async def _unless_gone(request: Request, completion: "Completion") -> dict[str, 
     async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        completion.reply.cancel()
+        completion.cancel()
 
     watcher = asyncio.ensure_future(watch())
     try:
         return await anyio.to_thread.run_sync(completion.whole, abandon_on_cancel=True)
     finally:
         watcher.cancel()
-        completion.reply.cancel()  # a no-op once it ended; stops it if this task was cancelled
+        completion.cancel()  # a no-op once they ended; stops them if this task was cancelled
 
 
 async def _read(request: Request, kind: type[SamplingRequest] = ChatRequest) -> Any:
@@ -462,12 +481,22 @@ def owner(request: Request, user: str | None) -> str:
     return f"api|{identity}|{user or ''}"
 
 
-class Completion:
-    """One chat completion over a `Reply`: streamed as SSE events or collected whole."""
+_END = object()  # a reply's events are over
 
-    def __init__(self, reply: Reply, model: str) -> None:
-        self.reply, self.model = reply, model
+
+class Completion:
+    """One chat completion over its `Reply`s (one per choice, `n`): streamed as SSE events or
+    collected whole."""
+
+    _object, _chunk_kind = "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, replies: list[Reply], model: str) -> None:
+        self.replies, self.model = replies, model
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def cancel(self) -> None:
+        for reply in self.replies:
+            reply.cancel()
 
     @staticmethod
     def _ended(reply: Reply) -> Reply:
@@ -478,98 +507,126 @@ class Completion:
             raise ApiError(503, reply.stop_reason, "server_error")
         return reply
 
+    def _all_ended(self) -> list[Reply]:
+        """Every choice read to its end, at the same time (a reply runs only while it is read)."""
+        if len(self.replies) == 1:
+            return [self._ended(self.replies[0].wait())]
+        with concurrent.futures.ThreadPoolExecutor(len(self.replies)) as pool:
+            return [self._ended(r) for r in pool.map(Reply.wait, self.replies)]
+
     def whole(self) -> dict[str, Any]:
-        reply = self._ended(self.reply.wait())
+        replies = self._all_ended()
+        return {"id": self.id, "object": self._object, "created": self.created, "model": self.model,
+                "choices": [self._choice(i, r) for i, r in enumerate(replies)], "usage": _usage_of(replies)}
+
+    def _choice(self, index: int, reply: Reply) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": reply.text}
         if reply.reasoning:  # as vLLM and llama.cpp's server give it: beside the answer, never in it
             message["reasoning_content"] = reply.reasoning
         if reply.calls:
             message.update(content=reply.text or None, tool_calls=[_call_json(c) for c in reply.calls])
-        return {
-            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": _finish(reply.finish_reason)}],
-            "usage": _usage(reply.usage),
-        }
+        return {"index": index, "message": message, "finish_reason": _finish(reply.finish_reason)}
 
-    def _opening(self) -> list[str]:
-        return [self._event({"role": "assistant", "content": ""})]
+    def _opening(self, index: int) -> list[str]:
+        return [self._event({"role": "assistant", "content": ""}, index=index)]
 
-    def _piece(self, event: Any) -> str | None:
+    def _piece(self, event: Any, index: int) -> str | None:
         if isinstance(event, Text):
-            return self._event({"content": event.text})
+            return self._event({"content": event.text}, index=index)
         if isinstance(event, Thinking):
-            return self._event({"reasoning_content": event.text})
+            return self._event({"reasoning_content": event.text}, index=index)
         return None
 
-    def _ending(self, reply: Reply) -> list[str]:
-        calls = [self._event({"tool_calls": [{"index": i, **_call_json(c)} for i, c in enumerate(reply.calls)]})]
-        return [*(calls if reply.calls else []), self._event({}, finish=_finish(reply.finish_reason))]
+    def _ending(self, reply: Reply, index: int) -> list[str]:
+        calls = [self._event({"tool_calls": [{"index": i, **_call_json(c)} for i, c in enumerate(reply.calls)]},
+                             index=index)]
+        return [*(calls if reply.calls else []), self._event({}, finish=_finish(reply.finish_reason), index=index)]
+
+    def _event(self, delta: Any, finish: str | None = None, index: int = 0) -> str:
+        return _sse({"id": self.id, "object": self._chunk_kind, "created": self.created, "model": self.model,
+                     "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
+
+    async def _merged(self) -> AsyncIterator[tuple[int, Any]]:
+        """(choice, event) as the replies give them, and (choice, _END) when one is over. A reply
+        blocks between tokens: it is read on worker threads. A client that goes away cancels this
+        task at once (abandon_on_cancel), and `events` cancels the replies, which ends those
+        threads' reads within 100 ms."""
+        if len(self.replies) == 1:
+            events = iter(self.replies[0])
+            while (event := await anyio.to_thread.run_sync(next, events, _END, abandon_on_cancel=True)) is not _END:
+                yield 0, event
+            yield 0, _END
+            return
+        out: queue.Queue[tuple[int, Any]] = queue.Queue()
+
+        def pump(index: int, reply: Reply) -> None:
+            try:
+                for event in reply:
+                    out.put((index, event))
+            finally:
+                out.put((index, _END))
+
+        for index, reply in enumerate(self.replies):
+            threading.Thread(target=pump, args=(index, reply), daemon=True).start()
+        left = len(self.replies)
+        while left:
+            item = await anyio.to_thread.run_sync(out.get, abandon_on_cancel=True)
+            left -= item[1] is _END
+            yield item
 
     async def events(self, include_usage: bool) -> AsyncIterator[str]:
-        events, done = iter(self.reply), object()
         try:
-            for opening in self._opening():
-                yield opening
-            while True:
-                # The reply blocks between tokens: read it on a worker thread. A client that goes
-                # away cancels this task at once (abandon_on_cancel), and `finally` cancels the reply,
-                # which ends that thread's read within 100 ms.
-                event = await anyio.to_thread.run_sync(next, events, done, abandon_on_cancel=True)
-                if event is done:
+            for index in range(len(self.replies)):
+                for opening in self._opening(index):
+                    yield opening
+            async for index, event in self._merged():
+                if event is not _END:
+                    piece = self._piece(event, index)
+                    if piece is not None:
+                        yield piece
+                    continue
+                try:
+                    reply = self._ended(self.replies[index])
+                except ApiError as error:  # the stream ends here; `finally` stops the other choices
+                    yield _sse({"error": {"message": error.message, "type": error.kind, "code": error.status}})
                     break
-                piece = self._piece(event)
-                if piece is not None:
-                    yield piece
-            try:
-                reply = self._ended(self.reply)
-            except ApiError as error:
-                yield _sse({"error": {"message": error.message, "type": error.kind, "code": error.status}})
-            else:
-                for ending in self._ending(reply):
+                for ending in self._ending(reply, index):
                     yield ending
+            else:
                 if include_usage:
                     yield _sse({"id": self.id, "object": self._chunk_kind, "created": self.created,
-                                "model": self.model, "choices": [], "usage": _usage(reply.usage)})
+                                "model": self.model, "choices": [], "usage": _usage_of(self.replies)})
             yield "data: [DONE]\n\n"
         finally:
-            self.reply.cancel()  # a no-op once it ended; stops the engine for a client that went away
-
-    _chunk_kind = "chat.completion.chunk"
-
-    def _event(self, delta: Any, finish: str | None = None) -> str:
-        return _sse({"id": self.id, "object": self._chunk_kind, "created": self.created, "model": self.model,
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            self.cancel()  # a no-op once they ended; stops the engine for a client that went away
 
 
 class TextCompletion(Completion):
     """One text completion (POST /v1/completions): the model's text as it came, after the prompt
     when `echo` is given."""
 
-    def __init__(self, reply: Reply, model: str, echo: str = "") -> None:
-        super().__init__(reply, model)
+    _object = _chunk_kind = "text_completion"
+
+    def __init__(self, replies: list[Reply], model: str, echo: str = "") -> None:
+        super().__init__(replies, model)
         self.id, self.echo = f"cmpl-{uuid.uuid4().hex}", echo
 
-    def whole(self) -> dict[str, Any]:
-        reply = self._ended(self.reply.wait())
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": self.echo + reply.text, "logprobs": None,
-                             "finish_reason": _finish(reply.finish_reason)}],
-                "usage": _usage(reply.usage)}
+    def _choice(self, index: int, reply: Reply) -> dict[str, Any]:
+        return {"index": index, "text": self.echo + reply.text, "logprobs": None,
+                "finish_reason": _finish(reply.finish_reason)}
 
-    def _opening(self) -> list[str]:
-        return [self._event(self.echo)] if self.echo else []
+    def _opening(self, index: int) -> list[str]:
+        return [self._event(self.echo, index=index)] if self.echo else []
 
-    def _piece(self, event: Any) -> str | None:
-        return self._event(event.text) if isinstance(event, Text) else None
+    def _piece(self, event: Any, index: int) -> str | None:
+        return self._event(event.text, index=index) if isinstance(event, Text) else None
 
-    def _ending(self, reply: Reply) -> list[str]:
-        return [self._event("", finish=_finish(reply.finish_reason))]
+    def _ending(self, reply: Reply, index: int) -> list[str]:
+        return [self._event("", finish=_finish(reply.finish_reason), index=index)]
 
-    _chunk_kind = "text_completion"
-
-    def _event(self, text: Any, finish: str | None = None) -> str:
+    def _event(self, text: Any, finish: str | None = None, index: int = 0) -> str:
         return _sse({"id": self.id, "object": self._chunk_kind, "created": self.created, "model": self.model,
-                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})
+                     "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]})
 
 
 def _call_json(call: ToolCall) -> dict[str, Any]:
@@ -583,6 +640,13 @@ def _sse(data: dict[str, Any]) -> str:
 
 def _finish(reason: str | None) -> str:
     return reason if reason in ("length", "tool_calls") else "stop"
+
+
+def _usage_of(replies: list[Reply]) -> dict[str, Any]:
+    """One request's usage: its prompt once (every choice reads the same), every choice's tokens."""
+    first = replies[0].usage or Usage()
+    return _usage(Usage(prompt_tokens=first.prompt_tokens, cached_tokens=first.cached_tokens,
+                        completion_tokens=sum((r.usage or Usage()).completion_tokens for r in replies)))
 
 
 def _usage(usage: Usage | None) -> dict[str, Any]:

@@ -66,7 +66,8 @@ def test_sampling_fields_and_extensions_are_honoured(client):
     [
         ({"model": "gpt-4"}, 404, "not loaded here"),
         ({"temperature": -1}, 400, "temperature"),
-        ({"n": 2}, 400, "n=1"),
+        ({"n": 2}, 400, "answers 1 at a time"),  # this app takes one reply at a time (--concurrency 1)
+        ({"n": 5}, 400, "n must be from 1 to 4"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
         ({"messages": []}, 400, "at least one"),
         ({"messages": [{"role": "system", "content": "x"}]}, 400, "the assistant's for the model to continue it"),
@@ -282,3 +283,43 @@ def test_text_completions_read_the_prompt_as_it_is(client, keyed_app):
         assert r.status_code == 400 and field in r.text, (change, r.text)
     r = httpx.post(keyed_app.url + "/v1/completions", json=base)
     assert r.status_code == 401  # the door guards it like the rest of /v1
+
+
+def test_n_choices_are_written_at_once_each_its_own(tmp_path):
+    """n > 1 where the engine batches (llama.cpp): n replies side by side, choice i sampled with
+    seed + i, streamed with their own index and finish, usage counting the prompt once."""
+    app = RunningApp()
+    try:
+        client = openai.OpenAI(base_url=app.url + "/v1", api_key="none", max_retries=0)
+        story = [{"role": "user", "content": "Write one sentence about a cat."}]
+        r = client.chat.completions.create(model="smollm2-llamacpp", messages=story, n=3, seed=7, temperature=1.0,
+                                           max_tokens=24)
+        assert [c.index for c in r.choices] == [0, 1, 2] and all(c.message.content for c in r.choices)
+        assert len({c.message.content for c in r.choices}) > 1  # three seeds, not one answer three times
+        greedy = client.chat.completions.create(model="smollm2-llamacpp", messages=story, max_tokens=24,
+                                                temperature=0)
+        assert r.usage.prompt_tokens == greedy.usage.prompt_tokens
+        assert 24 < r.usage.completion_tokens <= 3 * 24  # every choice's tokens, not the first's alone
+        texts, finished = {0: "", 1: ""}, {}
+        for event in client.chat.completions.create(model="smollm2-llamacpp", messages=story, n=2, temperature=0,
+                                                    max_tokens=24, stream=True):
+            for c in event.choices:
+                texts[c.index] += c.delta.content or ""
+                if c.finish_reason:
+                    finished[c.index] = c.finish_reason
+        assert set(finished) == {0, 1}  # each choice streams whole, under its own index
+        assert texts[0] == texts[1] == greedy.choices[0].message.content
+        done = client.completions.create(model="smollm2-llamacpp", prompt="Cats are", n=2, seed=3, temperature=1.0,
+                                         max_tokens=8)
+        assert [c.index for c in done.choices] == [0, 1] and all(c.text for c in done.choices)
+    finally:
+        app.stop()
+
+
+def test_each_choice_samples_with_its_own_seed():
+    from api.openai_api import each_choice
+    from backends.base import GenerationParams
+
+    seeded = each_choice(GenerationParams(seed=2**63 - 1), 3)
+    assert [p.seed for p in seeded] == [2**63 - 1, 0, 1]  # seed + i, within the seed's range
+    assert [p.seed for p in each_choice(GenerationParams(), 2)] == [None, None]  # random each
