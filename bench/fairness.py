@@ -1,17 +1,26 @@
-"""Fair under load: the "noisy neighbour" scenario, Confab beside its peers, on the embedded model.
+"""Fair under load, and what is already won, in one run: Confab beside its peers on the embedded model.
 
-    python bench/fairness.py [--llama-server PATH] [--seconds 40] [--flood 8]
-    -> bench/results/fairness.json and a table on stdout
+    python bench/fairness.py [--llama-server PATH] [--seconds 40] [--flood 8] [--readme]
+    -> bench/results/fairness.json and a table on stdout (and in README.md with --readme)
 
-Four heavy clients send ~4,000-token prompts back to back while one light client asks a short
-question every 3 s, all through the OpenAI-compatible streaming API. Measured: the light
-question's time to first token (p50 / p95 / max), and the heavy clients' prompt tokens read per
-second with the light client and without it. The same load runs against llama-cpp-python's
-`llama_cpp.server` and, given `--llama-server`, llama.cpp's own C++ server (8 slots, a unified KV
-cache of 16k cells, like Confab's engine). Each heavy prompt starts with its own number, so no
-server can answer it from a cache of the others. Then the flood: 8 conversations of 1,000
-messages each at once (each fills the context), and a short question 5 s later: each must be
-answered or refused with a 4xx that says why (never a 500), and the question answered at once.
+Every server is started at the start and measured in turn (the others sit idle) through the
+streaming OpenAI-compatible API, greedy:
+1. single stream: decode tokens/s of one 256-token reply, in interleaved rounds with
+   llama-cpp-python's own API in process (the raw engine), so a slow moment of the machine hits
+   every contender alike;
+2. 8 users: 8 streams of 128 tokens at once: aggregate tokens/s and p95 time to first token;
+3. a long chat: 10 turns reaching ~2,000 tokens: time to first token at turn 10 / turn 1;
+4. the noisy neighbour: four heavy clients send ~4,000-token prompts back to back while one
+   light client asks a short question every 3 s: the light question's time to first token (p50 /
+   p95 / max), and the heavy clients' prompt tokens read per second with the light client and
+   (Confab) without it. Each heavy prompt starts with its own number, so no server can answer
+   it from a cache of the others;
+5. the flood (Confab): 8 conversations of 1,000 messages each at once (each fills the context),
+   and a short question 5 s later: each must be answered or refused with a 4xx that says why
+   (never a 500), and the question answered at once.
+The peers: llama-cpp-python's `llama_cpp.server`, and, given `--llama-server`, llama.cpp's own C++
+server (8 slots, a unified KV cache of 16k cells, like Confab's engine). A peer that fails a
+request has its error texts kept in the JSON.
 
 Not a test: it measures and prints.
 """
@@ -19,15 +28,18 @@ Not a test: it measures and prints.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import platform
 import random
+import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -37,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from backends.locate import embedded_gguf  # noqa: E402
+from bench import STORY, decode_rate, engine_direct, tokens_of  # noqa: E402 - bench/bench.py, beside this file
 
 PARAGRAPH = ("The harbour town kept its records in a long ledger: ships in and out, the weather, the price of "
              "salt and rope, and who owed whom. Clerk {n} copied page {n} twice, once for the mayor and once "
@@ -44,6 +57,11 @@ PARAGRAPH = ("The harbour town kept its records in a long ledger: ships in and o
 HEAVY_CLIENTS = 4
 LIGHT_EVERY_S = 3.0
 QUESTION = "What is the capital of France? One word."
+SINGLE_TOKENS = 256
+USERS, USER_TOKENS = 8, 128
+SUBJECTS = ["a lighthouse", "a fox", "the moon", "a baker", "a river", "a robot", "a violin", "a glacier"]
+TARGETS = {"single_vs_engine": 0.95, "many_vs_llama_server": 1.0, "long_chat": 1.5, "light_p95_s": 1.0,
+           "light_vs_llama_server": 10.0, "heavy_ratio": 0.8, "flood_small_ttft_s": 2.0}
 
 
 def heavy_prompt(n: int, paragraphs: int = 62) -> str:
@@ -55,35 +73,96 @@ def heavy_prompt(n: int, paragraphs: int = 62) -> str:
 MODEL = {}  # the model id each server names (Confab checks it)
 
 
-def _says_something(data: str) -> bool:
-    """Whether a streamed event carries text of the reply (not the role, not an empty delta)."""
+def _content(data: str) -> str:
+    """The reply's text in a streamed event (not the role, not an empty delta, not [DONE])."""
     try:
         event = json.loads(data)
     except ValueError:
-        return False  # [DONE]
+        return ""
     choices = event.get("choices") or [{}]
-    return bool((choices[0].get("delta") or {}).get("content"))
+    return (choices[0].get("delta") or {}).get("content") or ""
 
 
-def stream(url: str, content: str, max_tokens: int, timeout: float = 600) -> dict:
-    """One streamed chat completion: time to first content, and whether it ended well."""
-    body = {"model": MODEL.get(url, "any"), "messages": [{"role": "user", "content": content}], "stream": True,
-            "max_tokens": max_tokens, "temperature": 0}
+def stream(url: str, content: str | list[dict], max_tokens: int, timeout: float = 600) -> dict:
+    """One streamed chat completion, greedy: when the first and last text came, the text, and
+    whether it ended well (an error keeps what the server said)."""
+    messages = [{"role": "user", "content": content}] if isinstance(content, str) else content
+    body = {"model": MODEL.get(url, "any"), "messages": messages, "stream": True, "max_tokens": max_tokens,
+            "temperature": 0, "repeat_penalty": 1.0}
     start = time.perf_counter()
-    first = None
+    first = last = None
+    text = ""
     try:
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout) as r:
             if r.status_code != 200:
                 r.read()
-                return {"ok": False, "status": r.status_code, "error": r.text[:200]}
+                return {"ok": False, "status": r.status_code, "error": r.text[:300]}
             for line in r.iter_lines():
-                if first is None and line.startswith("data:") and _says_something(line[5:]):
-                    first = time.perf_counter() - start
+                piece = _content(line[5:]) if line.startswith("data:") else ""
+                if piece:
+                    last = time.perf_counter() - start
+                    first = last if first is None else first
+                    text += piece
     except httpx.HTTPError as e:  # counted as an error of the server under test
-        return {"ok": False, "error": repr(e)[:200]}
-    return {"ok": first is not None, "ttft_s": first, "total_s": time.perf_counter() - start}
+        return {"ok": False, "error": repr(e)[:300]}
+    return {"ok": first is not None, "ttft_s": first, "last_s": last, "total_s": time.perf_counter() - start,
+            "text": text, **({} if first is not None else {"error": "the reply had no text"})}
 
 
+def _p95(values: list[float]) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
+
+
+# ---- 1-3: steady load ------------------------------------------------------------------------
+def single(servers: dict[str, "Server"], rounds: int) -> dict:
+    """Decode tokens/s of one reply, each round: the raw engine in process, then every server."""
+    samples: dict[str, list[float]] = {"engine": [], **{name: [] for name in servers}}
+    for _ in range(rounds):
+        samples["engine"].append(engine_direct(1)["tokens_per_s"])
+        for name, server in servers.items():
+            r = stream(server.url, STORY, SINGLE_TOKENS)
+            if r["ok"]:
+                samples[name].append(decode_rate(tokens_of(r["text"]), r["ttft_s"], r["last_s"]))
+    return {name: {"tokens_per_s": round(statistics.median(v), 1) if v else None,
+                   "samples": [round(x, 1) for x in v]} for name, v in samples.items()}
+
+
+def many(url: str) -> dict:
+    """USERS streams at once, each on its own subject: aggregate tokens/s and p95 TTFT."""
+    question = "Tell me a short story about {}, in about one hundred words."
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(USERS) as pool:
+        results = list(pool.map(lambda i: stream(url, question.format(SUBJECTS[i % len(SUBJECTS)]), USER_TOKENS),
+                                range(USERS)))
+    wall = time.perf_counter() - start
+    done = [r for r in results if r["ok"]]
+    return {"users": USERS, "errors": len(results) - len(done),
+            "error_texts": [r["error"] for r in results if not r["ok"]][:3],
+            "aggregate_tokens_per_s": round(sum(tokens_of(r["text"]) for r in done) / wall, 1),
+            "p95_ttft_s": round(_p95([r["ttft_s"] for r in done]), 2) if done else None}
+
+
+def long_chat(url: str) -> dict:
+    """Ten turns, each a ~100-token question and a reply of up to 100 tokens (~2,000 tokens at
+    turn 10): time to first token at turn 10 / turn 1 (a server that keeps the conversation's
+    cache reads only the new turn)."""
+    run = random.random()
+    messages: list[dict] = []
+    turns = []
+    for turn in range(1, 11):
+        messages.append({"role": "user", "content": f"Run {run:.6f}, turn {turn}. " + "I am planning a sailing "
+                         "trip along the coast next summer with two friends and a small boat; " * 4
+                         + "what should we do next?"})
+        r = stream(url, messages, 100)
+        if not r["ok"]:
+            return {"error": r["error"], "turns_ms": turns}
+        turns.append(round(r["ttft_s"] * 1000))
+        messages.append({"role": "assistant", "content": r["text"]})
+    return {"turns_ms": turns, "ratio": round(turns[-1] / turns[0], 2)}
+
+
+# ---- 4: the noisy neighbour ------------------------------------------------------------------
 def load(url: str, seconds: float, light: bool, prompt_tokens: int) -> dict:
     """Heavy clients back to back for `seconds` (and the light one, if `light`)."""
     stop = time.perf_counter() + seconds
@@ -118,15 +197,16 @@ def load(url: str, seconds: float, light: bool, prompt_tokens: int) -> dict:
         t.join()
     wall = time.perf_counter() - start
     out = {"heavy_replies": len(heavy_done), "heavy_prompt_tokens_per_s": round(len(heavy_done) * prompt_tokens / wall),
-           "errors": len(errors), "wall_s": round(wall, 1)}
+           "errors": len(errors), "error_texts": sorted({e.get("error", "") for e in errors})[:3],
+           "wall_s": round(wall, 1)}
     if light and light_ttft:
         ttfts = sorted(light_ttft)
         out.update(light_n=len(ttfts), light_ttft_p50_s=round(statistics.median(ttfts), 2),
-                   light_ttft_p95_s=round(ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))], 2),
-                   light_ttft_max_s=round(ttfts[-1], 2))
+                   light_ttft_p95_s=round(_p95(ttfts), 2), light_ttft_max_s=round(ttfts[-1], 2))
     return out
 
 
+# ---- 5: the flood --------------------------------------------------------------------------
 def flood(url: str, requests: int = 8, messages: int = 1000) -> dict:
     """`requests` conversations of `messages` messages each, all at once (each fills the context),
     and a short question 5 s later: how each ended (answered, refused with a 4xx that says why,
@@ -169,6 +249,21 @@ def flood(url: str, requests: int = 8, messages: int = 1000) -> dict:
             "examples": [r for r in results if r["status"] != 200][:3]}
 
 
+# ---- the servers -----------------------------------------------------------------------------
+@dataclass
+class Server:
+    name: str
+    url: str
+    proc: subprocess.Popen
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -183,7 +278,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     raise TimeoutError(url)
 
 
-def serve(name: str, seconds: float, prompt_tokens: int, llama_server: str | None, flood_requests: int = 0) -> dict:
+def start(name: str, llama_server: str | None) -> Server:
     from conftest import free_port
 
     port = free_port()
@@ -199,80 +294,208 @@ def serve(name: str, seconds: float, prompt_tokens: int, llama_server: str | Non
     }[name]
     env = {**os.environ, "CONFAB_STATE_DIR": f"/tmp/confab-fairness-{port}", "GRADIO_ANALYTICS_ENABLED": "False"}
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
+    server = Server(name, url, proc)
     try:
         wait_ready(url, proc)
         MODEL[url] = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
         stream(url, f"Hello {random.random()}", 4)  # warm, as nobody of the load
-        result = {"alone": load(url, seconds, False, prompt_tokens)} if name == "confab" else {}
-        result["with_light"] = load(url, seconds, True, prompt_tokens)
-        if flood_requests and name == "confab":  # the target is Confab's; the peers, which do not trim a
-            # conversation to the context, would read ~15k tokens a request: half an hour on 2 cores
-            print(f"  {name}: {flood_requests} x 1,000 messages ...", flush=True)
-            result["flood"] = flood(url, flood_requests)
-        return result
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def run(names: list[str], llama_server: str | None, seconds: float, rounds: int, flood_requests: int,
+        out: Path) -> dict:
+    prompt_tokens = tokens_of(heavy_prompt(0))
+    result: dict = {"machine": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform()},
+                    "date": time.strftime("%Y-%m-%d"), "heavy_prompt_tokens": prompt_tokens, "seconds": seconds,
+                    "servers": {}, "targets": TARGETS}
+    servers: dict[str, Server] = {}
+
+    def save() -> None:  # after each part: a later failure keeps what was measured
+        out.write_text(json.dumps(result, indent=2))
+
+    try:
+        for name in names:
+            print(f"starting {name} ...", flush=True)
+            try:
+                servers[name] = start(name, llama_server)
+                result["servers"][name] = {}
+            except (RuntimeError, TimeoutError, httpx.HTTPError) as e:  # a peer that would not run: said, not fatal
+                print(f"  {name} did not run: {e}", flush=True)
+                result["servers"][name] = {"failed": str(e)[:300]}
+        print(f"1 single stream, {rounds} interleaved rounds ...", flush=True)
+        steady = single(servers, rounds)
+        result["engine"] = steady.pop("engine")
+        for name, server in servers.items():
+            x = result["servers"][name]
+            x["single"] = steady[name]
+            print(f"2-3 {name}: 8 users, a long chat ...", flush=True)
+            x["many"] = many(server.url)
+            chats = sorted((long_chat(server.url) for _ in range(rounds)), key=lambda c: c.get("ratio", float("inf")))
+            x["long_chat"] = {**chats[len(chats) // 2], "ratios": [c.get("ratio") for c in chats]}  # the median run
+            save()
+        for name, server in servers.items():
+            x = result["servers"][name]
+            print(f"4 {name}: the noisy neighbour ({seconds:.0f} s{' twice' if name == 'confab' else ''}) ...",
+                  flush=True)
+            if name == "confab":  # the heavy clients' ratio is Confab's target
+                x["alone"] = load(server.url, seconds, False, prompt_tokens)
+            x["with_light"] = load(server.url, seconds, True, prompt_tokens)
+            if "alone" in x:
+                x["heavy_ratio"] = round(x["with_light"]["heavy_prompt_tokens_per_s"]
+                                         / max(1, x["alone"]["heavy_prompt_tokens_per_s"]), 2)
+            save()
+        if flood_requests and "confab" in servers:
+            # The target is Confab's; the peers, which do not trim a conversation to the context,
+            # would read ~15k tokens a request: half an hour on 2 cores.
+            print(f"5 confab: {flood_requests} x 1,000 messages ...", flush=True)
+            result["servers"]["confab"]["flood"] = flood(servers["confab"].url, flood_requests)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for server in servers.values():
+            server.stop()
+    save()
+    return result
+
+
+# ---- reporting -------------------------------------------------------------------------------
+def _ran(r: dict) -> dict[str, dict]:
+    return {name: x for name, x in r["servers"].items() if "failed" not in x}
 
 
 def table(r: dict) -> str:
-    rows = ["| server | light TTFT p50 / p95 / max | heavy prompt tok/s with light (alone) | errors |",
-            "| --- | --- | --- | ---: |"]
-    for name, x in r["servers"].items():
-        if "failed" in x:
-            rows.append(f"| {name} | did not run: {x['failed'][:80]} | | |")
-            continue
-        w = x["with_light"]
-        alone = f" ({x['alone']['heavy_prompt_tokens_per_s']:,}, ratio {x['heavy_ratio']:.2f})" if "alone" in x else ""
-        ttft = (f"{w['light_ttft_p50_s']} / {w['light_ttft_p95_s']} / {w['light_ttft_max_s']} s"
-                if "light_ttft_p50_s" in w else "no answer")
-        rows.append(f"| {name} | {ttft} | {w['heavy_prompt_tokens_per_s']:,}{alone} | {w['errors']} |")
-    floods = [(name, x["flood"]) for name, x in r["servers"].items() if "flood" in x]
-    if floods:
-        rows += ["", "| server | 8 x 1,000 messages at once: answered / refused (4xx) / errors | a short question meanwhile: first token |",
-                 "| --- | --- | --- |"]
-        for name, f in floods:
-            ttft = f"{f['small_ttft_s']} s" if f["small_ttft_s"] is not None else "no answer"
-            rows.append(f"| {name} | {f['answered']} / {f['refused_4xx']} / {f['errors']} (in {f['wall_s']} s) | {ttft} |")
-    return "\n".join(rows)
+    """One row per measure, one column per server; the goal is Confab's."""
+    servers = _ran(r)
+    names = list(servers)
+    engine = r.get("engine", {}).get("tokens_per_s")
+
+    def cell(x: dict, what: str) -> str:
+        if what == "single":
+            s = x.get("single", {}).get("tokens_per_s")
+            return "no reply" if s is None else f"{s}" + (f" ({s / engine:.2f} of the engine)" if engine else "")
+        if what == "many":
+            m = x.get("many", {})
+            return f"{m.get('aggregate_tokens_per_s')} / {m.get('p95_ttft_s')} s" + (
+                f", {m['errors']} errors" if m.get("errors") else "")
+        if what == "long":
+            lc = x.get("long_chat", {})
+            return (f"{lc['ratio']:.2f} ({lc['turns_ms'][0]} -> {lc['turns_ms'][-1]} ms; runs "
+                    f"{', '.join(map(str, lc.get('ratios', [])))})" if "ratio" in lc
+                    else f"failed: {lc.get('error', '')[:60]}")
+        w = x.get("with_light", {})
+        if what == "light":
+            return (f"{w['light_ttft_p50_s']} / {w['light_ttft_p95_s']} / {w['light_ttft_max_s']} s"
+                    f" ({w['light_n']} answered)" if "light_ttft_p50_s" in w else "no answer")
+        if what == "heavy":
+            alone = (f" (alone {x['alone']['heavy_prompt_tokens_per_s']:,}: ratio {x['heavy_ratio']:.2f})"
+                     if "alone" in x else "")
+            return f"{w.get('heavy_prompt_tokens_per_s', 0):,}{alone}"
+        return str(w.get("errors", ""))
+
+    rows = [
+        ("single-stream decode tok/s, 1 reply of 256 tokens" + (f" (llama-cpp-python in process: {engine})" if engine else ""),
+         f">= {TARGETS['single_vs_engine']} of the engine", "single"),
+        (f"{USERS} users at once: aggregate tok/s / p95 first token", "aggregate >= llama-server's", "many"),
+        ("a 10-turn chat: first token at turn 10 / turn 1", f"<= {TARGETS['long_chat']}", "long"),
+        (f"noisy neighbour: a short question's first token p50 / p95 / max, {HEAVY_CLIENTS} heavy clients",
+         f"p95 <= {TARGETS['light_p95_s']:.0f} s, >= 10x better than llama-server", "light"),
+        ("noisy neighbour: heavy clients' prompt tok/s with the light one",
+         f">= {TARGETS['heavy_ratio']} of alone", "heavy"),
+        ("noisy neighbour: failed requests", "0", "errors"),
+    ]
+    out = ["| measure | goal (Confab) | " + " | ".join(names) + " |", "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
+    out += [f"| {label} | {goal} | " + " | ".join(cell(servers[n], what) for n in names) + " |" for label, goal, what in rows]
+    f = servers.get("confab", {}).get("flood")
+    if f:
+        ttft = f"{f['small_ttft_s']} s" if f["small_ttft_s"] is not None else "no answer"
+        out += ["", f"Flood (Confab): {f['requests']} conversations of {f['messages']:,} messages at once: "
+                    f"{f['answered']} answered, {f['refused_4xx']} refused with a 4xx, {f['errors']} errors, in "
+                    f"{f['wall_s']} s; a short question 5 s in got its first token in {ttft} (goal: 0 errors, "
+                    f"<= {TARGETS['flood_small_ttft_s']:.0f} s)."]
+    verdicts = verdict(r)
+    if verdicts:
+        out += ["", "Targets: " + "; ".join(f"{k} {'met' if ok else 'MISSED'} ({why})" for k, (ok, why) in verdicts.items()) + "."]
+    failed = {n: x["failed"] for n, x in r["servers"].items() if "failed" in x}
+    for name, why in failed.items():
+        out.append(f"\n{name} did not run: {why[:200]}")
+    texts = {n: x.get("with_light", {}).get("error_texts") or x.get("many", {}).get("error_texts")
+             for n, x in servers.items()}
+    for name, errs in texts.items():
+        if errs:
+            out.append(f"\n{name}'s errors (examples): " + " | ".join(e[:150] for e in errs))
+    return "\n".join(out)
+
+
+def verdict(r: dict) -> dict[str, tuple[bool, str]]:
+    """Confab's targets, each met or not, with the figures it was judged on."""
+    servers = _ran(r)
+    c, ls, out = servers.get("confab"), servers.get("llama-server"), {}
+    if not c:
+        return out
+    engine, single_ = r.get("engine", {}).get("tokens_per_s"), c.get("single", {}).get("tokens_per_s")
+    if engine and single_:
+        theirs = (ls or {}).get("single", {}).get("tokens_per_s")
+        out["single stream"] = (single_ / engine >= TARGETS["single_vs_engine"], f"{single_ / engine:.2f} of the engine"
+                                + (f", {single_ / theirs:.2f} of llama-server" if theirs else ""))
+    if ls and ls.get("many", {}).get("aggregate_tokens_per_s"):
+        a, b = c["many"]["aggregate_tokens_per_s"], ls["many"]["aggregate_tokens_per_s"]
+        out["8 users"] = (a >= b and not c["many"]["errors"], f"{a} vs {b} tok/s")
+    if "ratio" in c.get("long_chat", {}):
+        out["long chat"] = (c["long_chat"]["ratio"] <= TARGETS["long_chat"], f"{c['long_chat']['ratio']:.2f}")
+    w = c.get("with_light", {})
+    if "light_ttft_p95_s" in w:
+        p95 = w["light_ttft_p95_s"]
+        theirs = ls.get("with_light", {}) if ls else {}
+        # A peer that answered no light question within the run is at least as slow as the run.
+        their_p95 = theirs.get("light_ttft_p95_s", r["seconds"]) if ls else None
+        better = their_p95 / p95 if their_p95 else None
+        ok = p95 <= TARGETS["light_p95_s"] and (better is None or better >= TARGETS["light_vs_llama_server"])
+        out["noisy neighbour"] = (ok, f"p95 {p95} s" + (f", {better:.1f}x llama-server's" if better else ""))
+    if "heavy_ratio" in c:
+        out["heavy clients"] = (c["heavy_ratio"] >= TARGETS["heavy_ratio"] and not w.get("errors"),
+                                f"ratio {c['heavy_ratio']:.2f}, {w.get('errors', 0)} errors")
+    f = c.get("flood")
+    if f:
+        small = f["small_ttft_s"]
+        out["flood"] = (not f["errors"] and small is not None and small <= TARGETS["flood_small_ttft_s"],
+                        f"{f['errors']} errors, short question {small} s")
+    return out
+
+
+def update_readme(r: dict) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    begin, end = "<!-- fairness:start -->", "<!-- fairness:end -->"
+    m = r["machine"]
+    block = (f"{begin}\nLatest run: {r['date']}, {m['cpus']} CPU cores ({m['platform']}), embedded model, "
+             f"{r['seconds']:.0f} s of load each; llama-server built from the vendored source as above (8 slots, "
+             f"unified KV of 16k cells, like Confab's engine).\n\n{table(r)}\n{end}")
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    readme.write_text(head + block + tail)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="The noisy-neighbour benchmark (see the module docstring).")
-    ap.add_argument("--seconds", type=float, default=40.0, help="how long each load runs")
+    ap = argparse.ArgumentParser(description="Confab beside its peers under load (see the module docstring).")
+    ap.add_argument("--seconds", type=float, default=40.0, help="how long each noisy-neighbour load runs")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the single-stream measure")
     ap.add_argument("--llama-server", help="path of llama.cpp's llama-server binary, to compare with it too")
     ap.add_argument("--skip-peers", action="store_true", help="Confab only")
     ap.add_argument("--flood", type=int, default=8, metavar="N",
                     help="then (Confab only) N conversations of 1,000 messages at once, and a short question (0: skip)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fairness.json")
+    ap.add_argument("--readme", action="store_true", help="also put the table in README.md")
     args = ap.parse_args()
-    from bench import tokens_of  # bench/bench.py, beside this file
-
-    prompt_tokens = tokens_of(heavy_prompt(0))
+    # A `timeout` or Ctrl-C still stops the servers this started (run()'s `finally`).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     names = ["confab"] + ([] if args.skip_peers else ["llama_cpp.server"]) + (["llama-server"] if args.llama_server else [])
-    result = {"machine": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform()},
-              "date": time.strftime("%Y-%m-%d"), "heavy_prompt_tokens": prompt_tokens, "seconds": args.seconds,
-              "servers": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        print(f"{name} ...", flush=True)
-        try:
-            x = serve(name, args.seconds, prompt_tokens, args.llama_server, args.flood)
-        except (RuntimeError, TimeoutError, httpx.HTTPError) as e:  # a peer that would not run: said, not fatal
-            print(f"  {name} did not run: {e}", flush=True)
-            result["servers"][name] = {"failed": str(e)[:300]}
-            continue
-        if "alone" in x:
-            x["heavy_ratio"] = round(x["with_light"]["heavy_prompt_tokens_per_s"]
-                                     / max(1, x["alone"]["heavy_prompt_tokens_per_s"]), 2)
-        result["servers"][name] = x
-        args.out.write_text(json.dumps(result, indent=2))  # after each server: a later failure keeps it
-    args.out.write_text(json.dumps(result, indent=2))
+    result = run(names, args.llama_server, args.seconds, args.rounds, args.flood, args.out)
     print(table(result))
     print(f"wrote {args.out}")
+    if args.readme:
+        update_readme(result)
 
 
 if __name__ == "__main__":
