@@ -2,7 +2,8 @@
 
 GET /v1/models, POST /v1/chat/completions and POST /v1/completions (a plain text prompt, read
 without the chat template), streamed as server-sent events or whole, over the same `Reply` as
-the page (chat/reply.py). Client-side `tools=` come back as `tool_calls`
+the page (chat/reply.py); `n` choices are that many Replies written side by side, and `logprobs`
+travel with the text they make (Text events). Client-side `tools=` come back as `tool_calls`
 with finish_reason "tool_calls" (the client runs them and sends `tool` messages); a preset's
 server-side tools are run here when the client sends none. A reasoning model's thinking comes as
 `reasoning_content` beside `content` (as vLLM and llama.cpp's server send it); a conversation
@@ -74,7 +75,7 @@ class ChatRequest(SamplingRequest):
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's; only enable_thinking is taken
     response_format: dict[str, Any] | None = None  # text, json_object, json_schema (llama.cpp: a grammar)
-    logprobs: bool | None = None  # not given here: false or absent only
+    logprobs: bool | None = None  # engines with the "logprobs" feature (llama.cpp)
     top_logprobs: int | None = None
 
 
@@ -86,7 +87,7 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False  # the prompt comes back before the completion
     suffix: str | None = None  # not taken (fill-in-the-middle): absent only
     best_of: int | None = None  # 1 or absent only
-    logprobs: int | None = None  # not given here: absent only
+    logprobs: int | None = None  # the likeliest alternatives per token (llama.cpp), as in OpenAI's legacy API
 
 
 # Fields that change nothing in what Confab answers: taken without a word (OpenAI's bookkeeping
@@ -108,15 +109,12 @@ def refuse_unknown(req: SamplingRequest) -> None:
         raise _bad(f"{names} {'is' if len(unknown) == 1 else 'are'} not supported by this server; remove "
                    f"{'it' if len(unknown) == 1 else 'them'} from the request.", unknown[0])
     if isinstance(req, CompletionRequest):
-        if req.logprobs is not None:
-            raise _bad("logprobs are not given by this server; leave logprobs out.", "logprobs")
         if req.suffix:
             raise _bad("suffix (fill in the middle) is not supported by this server; leave it out.", "suffix")
         if req.best_of not in (None, 1):
             raise _bad("Only best_of=1 is supported: ask again for another completion.", "best_of")
-    elif req.logprobs or req.top_logprobs:
-        raise _bad("logprobs are not given by this server; leave logprobs and top_logprobs out.",
-                   "logprobs" if req.logprobs else "top_logprobs")
+    elif req.top_logprobs is not None and not req.logprobs:
+        raise _bad("top_logprobs needs logprobs: true.", "top_logprobs")
     if req.logit_bias:
         raise _bad("logit_bias is not supported by this server; leave it out.", "logit_bias")
 
@@ -292,6 +290,8 @@ def to_params(req: SamplingRequest, base: GenerationParams, limits: Limits) -> G
         "seed": req.seed, "stop": req.stop, "thinking": enable_thinking(chat.chat_template_kwargs),
         "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
         "json_schema": json_schema_of(chat.response_format) or None, "raw": isinstance(req, CompletionRequest) or None,
+        "logprobs": req.logprobs if isinstance(req, CompletionRequest) else (
+            (req.top_logprobs or 0) if req.logprobs else None),
     }
     changes = {k: v for k, v in changes.items() if v is not None}
     if "temperature" in changes:
@@ -493,6 +493,7 @@ class Completion:
     def __init__(self, replies: list[Reply], model: str) -> None:
         self.replies, self.model = replies, model
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        self.with_logprobs = replies[0].params.logprobs is not None
 
     def cancel(self) -> None:
         for reply in self.replies:
@@ -525,14 +526,22 @@ class Completion:
             message["reasoning_content"] = reply.reasoning
         if reply.calls:
             message.update(content=reply.text or None, tool_calls=[_call_json(c) for c in reply.calls])
-        return {"index": index, "message": message, "finish_reason": _finish(reply.finish_reason)}
+        return {"index": index, "message": message, "finish_reason": _finish(reply.finish_reason),
+                "logprobs": self._logprobs(index, reply.logprobs)}
+
+    def _logprobs(self, index: int, tokens: Any) -> dict[str, Any] | None:
+        """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+        if not self.with_logprobs:
+            return None
+        return {"content": [{**_token(t.token, t.logprob),
+                             "top_logprobs": [_token(b, lp) for b, lp in t.top]} for t in tokens]}
 
     def _opening(self, index: int) -> list[str]:
         return [self._event({"role": "assistant", "content": ""}, index=index)]
 
     def _piece(self, event: Any, index: int) -> str | None:
         if isinstance(event, Text):
-            return self._event({"content": event.text}, index=index)
+            return self._event({"content": event.text}, index=index, logprobs=self._logprobs(index, event.logprobs))
         if isinstance(event, Thinking):
             return self._event({"reasoning_content": event.text}, index=index)
         return None
@@ -542,9 +551,9 @@ class Completion:
                              index=index)]
         return [*(calls if reply.calls else []), self._event({}, finish=_finish(reply.finish_reason), index=index)]
 
-    def _event(self, delta: Any, finish: str | None = None, index: int = 0) -> str:
+    def _event(self, delta: Any, finish: str | None = None, index: int = 0, logprobs: Any = None) -> str:
         return _sse({"id": self.id, "object": self._chunk_kind, "created": self.created, "model": self.model,
-                     "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
+                     "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
 
     async def _merged(self) -> AsyncIterator[tuple[int, Any]]:
         """(choice, event) as the replies give them, and (choice, _END) when one is over. A reply
@@ -610,23 +619,46 @@ class TextCompletion(Completion):
     def __init__(self, replies: list[Reply], model: str, echo: str = "") -> None:
         super().__init__(replies, model)
         self.id, self.echo = f"cmpl-{uuid.uuid4().hex}", echo
+        self._offsets = [len(echo)] * len(replies)  # where each choice's next token starts in its text
 
     def _choice(self, index: int, reply: Reply) -> dict[str, Any]:
-        return {"index": index, "text": self.echo + reply.text, "logprobs": None,
+        return {"index": index, "text": self.echo + reply.text, "logprobs": self._logprobs(index, reply.logprobs),
                 "finish_reason": _finish(reply.finish_reason)}
+
+    def _logprobs(self, index: int, tokens: Any) -> dict[str, Any] | None:
+        """OpenAI's legacy shape: tokens, token_logprobs, top_logprobs and text_offset, in lists."""
+        if not self.with_logprobs:
+            return None
+        texts = [_text(t.token) for t in tokens]
+        offsets = []
+        for text in texts:
+            offsets.append(self._offsets[index])
+            self._offsets[index] += len(text)
+        return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
+                "top_logprobs": [{_text(b): lp for b, lp in t.top} for t in tokens], "text_offset": offsets}
 
     def _opening(self, index: int) -> list[str]:
         return [self._event(self.echo, index=index)] if self.echo else []
 
     def _piece(self, event: Any, index: int) -> str | None:
-        return self._event(event.text, index=index) if isinstance(event, Text) else None
+        if not isinstance(event, Text):
+            return None
+        return self._event(event.text, index=index, logprobs=self._logprobs(index, event.logprobs))
 
     def _ending(self, reply: Reply, index: int) -> list[str]:
         return [self._event("", finish=_finish(reply.finish_reason), index=index)]
 
-    def _event(self, text: Any, finish: str | None = None, index: int = 0) -> str:
+    def _event(self, text: Any, finish: str | None = None, index: int = 0, logprobs: Any = None) -> str:
         return _sse({"id": self.id, "object": self._chunk_kind, "created": self.created, "model": self.model,
-                     "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]})
+                     "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
+
+
+def _text(token: bytes) -> str:
+    return token.decode("utf-8", errors="replace")  # part of a character shows as U+FFFD; `bytes` has it whole
+
+
+def _token(token: bytes, logprob: float) -> dict[str, Any]:
+    return {"token": _text(token), "logprob": logprob, "bytes": list(token)}
 
 
 def _call_json(call: ToolCall) -> dict[str, Any]:

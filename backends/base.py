@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar, Iterator, Protocol
 log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant", "tool")
 TOOL_FORMATS = ("hermes", "llama3", "pythonic")  # read and written in chat/formats.py
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 MAX_STOP_WORDS, MAX_STOP_CHARS = 16, 1000  # stop words are held back while they may be starting
 MAX_SCHEMA_CHARS = 65_536  # a response_format's JSON schema, as text
 
@@ -159,6 +160,9 @@ class GenerationParams:
     # The last message's text is the whole prompt, as it is: no chat template (POST /v1/completions).
     # Only engines that name "raw" in their `features` take it.
     raw: bool = False
+    # Each generated token's log-probability, with this many likeliest alternatives (0-20); None:
+    # off. Only engines that name "logprobs" in their `features` take it.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Normalise types first so the checks below compare numbers, not strings.
@@ -167,8 +171,9 @@ class GenerationParams:
             object.__setattr__(self, name, _as_number(name, getattr(self, name), kind))
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             object.__setattr__(self, name, _as_number(name, getattr(self, name), float))
-        if self.seed is not None:
-            object.__setattr__(self, "seed", _as_number("seed", self.seed, int))
+        for name in ("seed", "logprobs"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _as_number(name, getattr(self, name), int))
         for name in ("do_sample", "raw"):
             if not isinstance(getattr(self, name), bool):
                 raise ParamError(f"{name} must be true or false, got {getattr(self, name)!r}.")
@@ -199,6 +204,8 @@ class GenerationParams:
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ParamError(f"seed must be from 0 to 2**63 - 1, got {self.seed}. Leave it empty (or -1 in the page) "
                              "for a random seed.")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ParamError(f"logprobs asks for 0 to {MAX_TOP_LOGPROBS} alternatives per token, got {self.logprobs}.")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ParamError(f"{name} must be from -2 to 2, got {getattr(self, name)}. Use 0 to turn it off.")
@@ -216,6 +223,8 @@ class GenerationParams:
             wanted.add("json_schema")
         if self.raw:
             wanted.add("raw")
+        if self.logprobs is not None:
+            wanted.add("logprobs")
         return wanted
 
     @property
@@ -317,6 +326,17 @@ class Chunk:
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
     usage: Usage | None = None
     prompt: "Prompt | None" = None
+    logprobs: tuple["TokenLogprob", ...] = ()  # the tokens behind this text, when params.logprobs asked
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model (before any sampling setting), and
+    the likeliest alternatives' (as many as params.logprobs asked), each as (bytes, logprob)."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
 
 
 @dataclass(frozen=True)

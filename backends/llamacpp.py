@@ -53,7 +53,7 @@ def default_threads() -> int:
 @register("llamacpp")
 class LlamaCppBackend(LocalEngine):
     ENGINE_KEYS = {"parallel": 8, "kv_cells": None, "n_batch": 512}
-    features = frozenset({"penalties", "json_schema", "raw"})  # GenerationParams.features() it honours
+    features = frozenset({"penalties", "json_schema", "raw", "logprobs"})  # GenerationParams.features() it honours
 
     def prepare(self, messages: list[Message], params: GenerationParams, tools: list[dict[str, Any]] | None = None):
         grammar_of(params.json_schema)  # a schema it cannot follow is refused before the reply waits in line
@@ -222,8 +222,8 @@ class LlamaCppBackend(LocalEngine):
                     continue
                 if kind == "start":
                     usage.cached_tokens = data[0]
-                elif kind == "text":
-                    yield data[0], data[1]
+                elif kind == "text":  # (piece, tokens so far, its TokenLogprob or None)
+                    yield data[0], data[1], data[2]
                 elif kind == "waiting":  # in the engine's line, for KV room
                     yield Waiting(data[0])
                 elif kind == "error":

@@ -148,17 +148,21 @@ def chunks_from_deltas(
     """
     matcher = StopMatcher(tuple(params.stop) + tuple(stop))
     finish, hit = "length", False
+    logprobs: list[Any] = []  # of tokens whose text is held back (a stop word may be starting)
     try:
         for delta in deltas:
             if isinstance(delta, Waiting):  # the engine's own line: passed on as it is
                 yield delta
                 continue
-            text, n_tokens = delta
+            text, n_tokens, *info = delta  # info: the token's TokenLogprob, from engines that give it
             clock.mark_token()
             usage.completion_tokens = n_tokens
+            if info and info[0] is not None:
+                logprobs.append(info[0])
             out, hit = matcher.feed(text)
             if out:
-                yield Chunk(out)
+                yield Chunk(out, logprobs=tuple(logprobs))
+                logprobs.clear()
             if hit:
                 finish = "stop"
                 break
@@ -167,15 +171,18 @@ def chunks_from_deltas(
         else:
             tail = matcher.flush()
             if tail:
-                yield Chunk(tail)
+                yield Chunk(tail, logprobs=tuple(logprobs))
+                logprobs.clear()
             finish = "length" if usage.completion_tokens >= params.max_new_tokens else "stop"
         if cancel is not None and cancel.is_set() and not hit:
             finish = "cancelled"
+        if hit:
+            logprobs.clear()  # the stop word's own tokens: not in the text
     finally:
         close = getattr(deltas, "close", None)
         if close:
             close()
-    yield Chunk("", finish_reason=finish, usage=clock.fill(usage))
+    yield Chunk("", finish_reason=finish, usage=clock.fill(usage), logprobs=tuple(logprobs))
 
 
 class LocalEngine:

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from backends.base import BackendError, Cancel, Chunk, GenerationParams, Message, Usage, Waiting
+from backends.base import BackendError, Cancel, Chunk, GenerationParams, Message, TokenLogprob, Usage, Waiting
 
 from . import formats
 from .formats import CallFilter, ToolCall, ToolFormat
@@ -44,9 +44,11 @@ MAX_ROUNDS = 5  # rounds of tool calls in one reply before the model is stopped
 
 @dataclass(frozen=True)
 class Text:
-    """A piece of the reply's visible text (tool calls are never in it)."""
+    """A piece of the reply's visible text (tool calls are never in it), and the tokens' log-
+    probabilities behind it when they were asked for (those since the last Text)."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class Reply:
         self.max_rounds = max_rounds
         self.format: ToolFormat = tool_format(manager)
         self.text = ""  # all the visible text so far
+        self.logprobs: list[TokenLogprob] = []  # every generated token's, when params.logprobs asked
+        self._logprobs_due: list[TokenLogprob] = []  # those not yet given with a Text event
         self.usage = Usage()
         self.finish_reason: str | None = None
         self.error: BackendError | None = None
@@ -194,6 +198,8 @@ class Reply:
                 split = ThinkSplitter(opens_thinking(item.prompt.text))
             if item.finish_reason is not None:
                 last = item
+            self._logprobs_due.extend(item.logprobs)
+            self.logprobs.extend(item.logprobs)
             said += yield from self._show(*split.feed(item.text), shown)
         said += yield from self._show(*split.finish(), shown)
         if self._thinking is not None:
@@ -234,7 +240,8 @@ class Reply:
     def _say(self, text: str) -> Text:
         self.text += text
         self._tail += text
-        return Text(text)
+        due, self._logprobs_due = tuple(self._logprobs_due), []
+        return Text(text, due)
 
     def _think(self, text: str) -> Thinking:
         now = time.perf_counter()

@@ -228,7 +228,7 @@ def test_penalties_are_taken_and_fields_nothing_here_reads_are_refused_by_name(c
                                        metadata={"run": "7"})
     assert r.choices[0].message.content
     base = {"model": "smollm2-llamacpp", "messages": PARIS, "max_tokens": 4}
-    for extra, field in (({"logit_bias": {"42": 5}}, "logit_bias"), ({"logprobs": True}, "logprobs"),
+    for extra, field in (({"logit_bias": {"42": 5}}, "logit_bias"), ({"logprobs": True, "top_logprobs": 21}, "logprobs"),
                          ({"top_logprobs": 3}, "top_logprobs"), ({"functions": []}, "functions"),
                          ({"made_up": 1}, "made_up"), ({"presence_penalty": 3}, "presence_penalty"),
                          ({"response_format": {"type": "yaml"}}, "response_format"),
@@ -276,7 +276,7 @@ def test_text_completions_read_the_prompt_as_it_is(client, keyed_app):
     base = {"model": "smollm2-llamacpp", "prompt": prompt, "max_tokens": 4}
     for change, field in (({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"),
                           ({"prompt": ""}, "prompt"), ({"prompt": None}, "prompt"), ({"suffix": "end."}, "suffix"),
-                          ({"best_of": 2}, "best_of"), ({"logprobs": 1}, "logprobs"), ({"n": 2}, "n"),
+                          ({"best_of": 2}, "best_of"), ({"logprobs": 21}, "logprobs"), ({"n": 2}, "n"),
                           ({"made_up": 1}, "made_up"), ({"max_tokens": 0}, "max_new_tokens")):
         r = httpx.post(keyed_app.url + "/v1/completions", json={**base, **change},
                        headers={"Authorization": "Bearer test-key"})
@@ -323,3 +323,36 @@ def test_each_choice_samples_with_its_own_seed():
     seeded = each_choice(GenerationParams(seed=2**63 - 1), 3)
     assert [p.seed for p in seeded] == [2**63 - 1, 0, 1]  # seed + i, within the seed's range
     assert [p.seed for p in each_choice(GenerationParams(), 2)] == [None, None]  # random each
+
+
+def test_logprobs_of_each_token_and_its_likeliest_alternatives(client):
+    """llama.cpp's logits, log-softmaxed: greedy picks the likeliest, the tokens spell the text
+    (whole and streamed), the legacy completions shape has offsets into the text."""
+    import math
+
+    r = client.chat.completions.create(model="smollm2-llamacpp", messages=PARIS, max_tokens=12, temperature=0,
+                                       logprobs=True, top_logprobs=3, extra_body={"repetition_penalty": 1.0})
+    tokens = r.choices[0].logprobs.content
+    assert len(tokens) == r.usage.completion_tokens or len(tokens) == r.usage.completion_tokens - 1  # less an end
+    assert b"".join(bytes(t.bytes) for t in tokens).decode() == r.choices[0].message.content
+    for t in tokens:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3
+        assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == t.logprob  # greedy: the top one
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+        assert sum(math.exp(x.logprob) for x in t.top_logprobs) <= 1.0001
+    streamed = []
+    for event in client.chat.completions.create(model="smollm2-llamacpp", messages=PARIS, max_tokens=12,
+                                                temperature=0, logprobs=True, stream=True,
+                                                extra_body={"repetition_penalty": 1.0}):
+        for c in event.choices:
+            streamed += c.logprobs.content if c.logprobs and c.logprobs.content else []
+    assert [t.token for t in streamed] == [t.token for t in tokens]
+    assert all(t.top_logprobs == [] for t in streamed)  # logprobs alone: no alternatives
+    plain = client.chat.completions.create(model="smollm2-llamacpp", messages=PARIS, max_tokens=4)
+    assert plain.choices[0].logprobs is None
+    done = client.completions.create(model="smollm2-llamacpp", prompt="The capital of France is", max_tokens=6,
+                                     temperature=0, logprobs=2, echo=True)
+    lp, text = done.choices[0].logprobs, done.choices[0].text
+    assert "".join(lp.tokens) == text[len("The capital of France is"):]
+    assert lp.text_offset[0] == len("The capital of France is") and lp.text_offset == sorted(lp.text_offset)
+    assert all(len(alts) == 2 and max(alts.values()) >= lp_ for alts, lp_ in zip(lp.top_logprobs, lp.token_logprobs))

@@ -81,3 +81,23 @@ def test_fitting_a_continued_reply_keeps_the_question_it_answers():
     assert dropped == 6 and len(prompt.token_ids) == 5 + 2 + 4  # system, question, the reply being continued
     with pytest.raises(BackendError, match="do not fit"):
         fit_context(render, msgs, GenerationParams(max_new_tokens=10), n_ctx=20)
+
+
+def test_token_logprobs_travel_with_the_text_they_make_and_a_stop_words_are_dropped():
+    """An engine's (text, n, TokenLogprob) deltas: each chunk carries the tokens behind its text
+    (a held-back tail's tokens come with the text once it is let out); tokens that only made a
+    stop word are not given, like its text."""
+    from backends.base import Clock, GenerationParams, TokenLogprob, Usage
+    from backends.prompting import chunks_from_deltas
+
+    def lp(text):
+        return TokenLogprob(text.encode(), -0.5)
+
+    pieces = ["Hel", "lo", " EN", "D", "more"]
+    deltas = iter([(p, i + 1, lp(p)) for i, p in enumerate(pieces)])
+    chunks = list(chunks_from_deltas(deltas, GenerationParams(stop=("END",), max_new_tokens=10), Usage(), Clock()))
+    text = "".join(c.text for c in chunks)
+    tokens = [t.token.decode() for c in chunks for t in c.logprobs]
+    # " EN" gave the text its space (and began the stop word): it is given; "D" only ended the stop word: it is not.
+    assert text == "Hello " and tokens == ["Hel", "lo", " EN"]
+    assert chunks[-1].finish_reason == "stop"
