@@ -113,6 +113,9 @@ def refuse_unknown(req: SamplingRequest) -> None:
             raise _bad("suffix (fill in the middle) is not supported by this server; leave it out.", "suffix")
         if req.best_of not in (None, 1):
             raise _bad("Only best_of=1 is supported: ask again for another completion.", "best_of")
+        if req.echo and req.logprobs is not None:  # lm-eval's loglikelihood asks this: it must not get zeros
+            raise _bad("echo with logprobs would need the prompt's own log-probabilities, which this server does not "
+                       "give; ask without echo (the completion's tokens get theirs).", "echo")
     elif req.top_logprobs is not None and not req.logprobs:
         raise _bad("top_logprobs needs logprobs: true.", "top_logprobs")
     if req.logit_bias:
@@ -393,17 +396,32 @@ def build_router(manager: ModelManager, model_id: Any, limits: Limits | None = N
             name = loaded_id(req.model)
             text = prompt_text(req.prompt, limits)
             params = checked_params(req)
+            fits(text, params)
         except ApiError as e:
             return e.response()
         replies = [manager.reply([Message("user", text)], p, owner(request, req.user))
                    for p in each_choice(params, req.n)]
         return await _answer(request, req, TextCompletion(replies, name, text if req.echo else ""))
 
+    def fits(text: str, params: GenerationParams) -> None:
+        """A raw prompt and its reply must fit the context: a 400 now, not an error inside a stream."""
+        n_ctx = manager.n_ctx
+        if not n_ctx:
+            return
+        try:
+            tokens = manager.count_tokens(text)
+        except BackendError:  # unloaded meanwhile: the reply itself says so
+            return
+        if tokens + params.max_new_tokens > n_ctx:
+            raise _bad(f"The prompt is about {tokens:,} tokens and max_tokens is {params.max_new_tokens:,}; together "
+                       f"they must fit the model's context of {n_ctx:,}. Shorten the prompt or lower max_tokens.",
+                       "prompt")
+
     def checked_params(req: SamplingRequest) -> GenerationParams:
         params = to_params(req, limits.clamp(manager.default_params()), limits)
         if req.n > 1 and manager.capacity() < req.n:  # the engine would answer them one after another
-            raise _bad(f"n={req.n} needs {req.n} replies at once; the {manager.describe().get('backend')} engine here "
-                       f"answers {manager.capacity()} at a time. Ask with a smaller n, or ask again.", "n")
+            raise _bad(f"n={req.n} needs {req.n} replies side by side; the {manager.describe().get('backend')} engine "
+                       f"here answers {manager.capacity()} at a time. Ask with a smaller n, or ask again.", "n")
         try:
             manager.check_params(params)  # a setting this engine lacks: a 400 now, not an error mid-stream
         except ParamError as e:
@@ -513,7 +531,11 @@ class Completion:
         if len(self.replies) == 1:
             return [self._ended(self.replies[0].wait())]
         with concurrent.futures.ThreadPoolExecutor(len(self.replies)) as pool:
-            return [self._ended(r) for r in pool.map(Reply.wait, self.replies)]
+            try:
+                return [self._ended(r) for r in pool.map(Reply.wait, self.replies)]
+            except ApiError:
+                self.cancel()  # one choice failed: the others stop now rather than write for nobody
+                raise
 
     def whole(self) -> dict[str, Any]:
         replies = self._all_ended()

@@ -13,6 +13,7 @@ imported in `load`, never at module import.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import threading
@@ -229,7 +230,8 @@ class TransformersBackend(LocalEngine):
         )
         closed = threading.Event()  # the consumer went away (its generator was closed)
         counter = TokenCounter(len(prompt.token_ids), (cancel, closed, engine.closing))
-        reply = HFJob(prompt.token_ids, params, usage, session_id, streamer, counter, images=prompt.images)
+        reply = HFJob(prompt.token_ids, params, usage, session_id, streamer, counter, images=prompt.images,
+                      context=contextvars.copy_context())
         engine.submit(self._run_reply, reply)
         try:
             yield from read_text(reply, engine, cancel)
@@ -274,7 +276,9 @@ class TransformersBackend(LocalEngine):
                                    "(pictures and assisted generation are not sent to the GPU worker).")
             reply.streamer.put(torch.tensor([reply.ids]))  # the prompt first, as generate gives it (skipped)
             stream = zerogpu.generate(self._zero_key, reply.ids, reply.params)
-            for ids in stream:
+            # Read in the context of the request that asked (spaces finds the Gradio request there,
+            # whose visitor's GPU quota the call is charged to), not this thread's.
+            for ids in iter(lambda: reply.context.run(next, stream, None), None):
                 reply.streamer.put(torch.tensor(ids))
                 reply.counter.generated += len(ids)
                 if reply.counter.should_stop():
@@ -287,15 +291,16 @@ class TransformersBackend(LocalEngine):
                 stream.close()
             reply.streamer.end()
 
-    def generate_plain(self, ids: list[int], params: GenerationParams, streamer: Any) -> None:
-        """Generate a reply to `ids` into `streamer`, with no cache and no switches (in ZeroGPU's
-        worker, where nothing of the server's replies is)."""
+    def generate_plain(self, ids: list[int], params: GenerationParams, streamer: Any, stop: Any) -> None:
+        """Generate a reply to `ids` into `streamer` until its end or `stop` (an Event) is set, with
+        no cache (in ZeroGPU's worker, where nothing of the server's replies is)."""
         torch, transformers = _import_engine()
         device = self.model.device
         with torch.inference_mode():
             self.model.generate(
                 input_ids=torch.tensor([ids], device=device),
                 attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
+                stopping_criteria=transformers.StoppingCriteriaList([TokenCounter(len(ids), (stop,))]),
                 streamer=streamer, eos_token_id=self._eos_ids or None,
                 pad_token_id=self.tokenizer.pad_token_id or (self._eos_ids[0] if self._eos_ids else None),
                 **sampling_kwargs(params, transformers))

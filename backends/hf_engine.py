@@ -31,6 +31,7 @@ class HFJob:
     counter: "TokenCounter"
     failure: list[BaseException] = field(default_factory=list)
     images: tuple[Any, ...] = ()  # vision models: where each picture's tokens are in ids (hf_vision.Placed)
+    context: Any = None  # the asking thread's contextvars (ZeroGPU reads the Gradio request there)
 
 
 def read_text(reply: HFJob, engine: "InferenceThread", cancel: Cancel) -> Iterator[tuple[str, int]]:

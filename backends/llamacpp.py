@@ -27,10 +27,10 @@ from typing import Any, Iterator, NamedTuple
 
 from . import register, zerogpu
 from .base import (BackendError, Cancel, GenerationParams, ImageData, Message, ModelSpec, ParamError, ProgressFn, Prompt,
-                   Usage, Waiting)
+                   TokenLogprob, Usage, Waiting)
 from .hub import download
 from .llamacpp_engine import BatchEngine, Media
-from .llamacpp_lib import Context, Lib, Model, Projector
+from .llamacpp_lib import Context, Lib, Model, Projector, log_probabilities
 from .locate import Location, locate
 from .prompting import Encode, LocalEngine, encode_segments, engine_options
 from .templates import ChatTemplate, choose, render_segments, render_text, template_context
@@ -222,8 +222,8 @@ class LlamaCppBackend(LocalEngine):
                     continue
                 if kind == "start":
                     usage.cached_tokens = data[0]
-                elif kind == "text":  # (piece, tokens so far, its TokenLogprob or None)
-                    yield data[0], data[1], data[2]
+                elif kind == "text":  # (piece, tokens so far, (token, its logits) when logprobs were asked)
+                    yield data[0], data[1], self._logprob(data[2], params.logprobs)
                 elif kind == "waiting":  # in the engine's line, for KV room
                     yield Waiting(data[0])
                 elif kind == "error":
@@ -234,6 +234,15 @@ class LlamaCppBackend(LocalEngine):
                     return
         finally:
             request.cancel()  # the engine frees the slot within one step
+
+    def _logprob(self, scored: tuple[int, Any] | None, top: int | None) -> TokenLogprob | None:
+        """On the reply's reader thread (not the engine's): the token's log-probability and its
+        top alternatives, from the logits the engine copied."""
+        if scored is None or top is None:
+            return None
+        token, logits = scored
+        logprob, best = log_probabilities(logits, token, top)
+        return TokenLogprob(self.model.piece(token), logprob, tuple((self.model.piece(t), lp) for t, lp in best))
 
     def describe(self) -> dict[str, Any]:
         gpu = bool(self.spec and self.spec.n_gpu_layers)

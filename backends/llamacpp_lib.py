@@ -208,6 +208,19 @@ class Sampler:
         self.raw.close()
 
 
+def log_probabilities(logits: Any, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """`token`'s log-probability under `logits` (a log-softmax), and the `top` likeliest tokens
+    with theirs, likeliest first."""
+    import numpy as np
+
+    logits = logits.astype(np.float64)
+    peak = logits.max()
+    logits -= peak + np.log(np.exp(logits - peak).sum())
+    best = np.argpartition(-logits, top)[:top] if top else np.array([], dtype=int)
+    best = best[np.argsort(-logits[best])]
+    return float(logits[token]), [(int(t), float(logits[t])) for t in best]
+
+
 class Context:
     """A llama.cpp context: one unified KV cache shared by `sequences` sequences."""
 
@@ -224,18 +237,12 @@ class Context:
         """0 on success, else one of DECODE_RESULTS' codes (see `decode_meaning`)."""
         return int(self.lib.c.llama_decode(self.raw.ctx, batch.raw.batch))
 
-    def logprobs(self, row: int, n_vocab: int, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
-        """`token`'s log-probability at batch row `row` under the model's own distribution (its
-        logits, before any sampler), and the `top` likeliest tokens with theirs, likeliest first."""
+    def logits(self, row: int, n_vocab: int) -> Any:
+        """A copy of batch row `row`'s logits (float32, n_vocab of them): the model's own scores,
+        before any sampler; read before the next decode overwrites them."""
         import numpy as np
 
-        pointer = self.lib.c.llama_get_logits_ith(self.raw.ctx, row)
-        logits = np.ctypeslib.as_array(pointer, shape=(n_vocab,)).astype(np.float64)
-        peak = logits.max()
-        logits -= peak + np.log(np.exp(logits - peak).sum())  # log-softmax
-        best = np.argpartition(-logits, top)[:top] if top else np.array([], dtype=int)
-        best = best[np.argsort(-logits[best])]
-        return float(logits[token]), [(int(t), float(logits[t])) for t in best]
+        return np.ctypeslib.as_array(self.lib.c.llama_get_logits_ith(self.raw.ctx, row), shape=(n_vocab,)).copy()
 
     def forget(self, seq: int, start: int = 0) -> None:
         """Drop a sequence's cached tokens from position `start` on (all of them by default)."""

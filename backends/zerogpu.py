@@ -57,20 +57,27 @@ MODELS: dict[str, Any] = {}
 
 
 def _generate(key: str, ids: list[int], params: Any) -> Iterator[list[int]]:
-    """In the GPU worker: generate a reply to `ids` and yield its new token ids as they come."""
+    """In the GPU worker: generate a reply to `ids` and yield its new token ids as they come.
+    Closed early (the reply was stopped), generation stops within a token, so the GPU is not
+    used after the call gives it back."""
     backend = MODELS[key]
-    streamer = _Ids()
+    streamer, stop = _Ids(), threading.Event()
 
     def work() -> None:
         try:
-            backend.generate_plain(ids, params, streamer)
+            backend.generate_plain(ids, params, streamer, stop)
         except BaseException as e:  # noqa: BLE001 - raised to the caller below (ZeroGPU sends it back)
             streamer.error = e
         finally:
             streamer.end()
 
-    threading.Thread(target=work, daemon=True).start()
-    yield from streamer
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        yield from streamer
+    finally:
+        stop.set()
+        thread.join()
     if streamer.error is not None:
         raise streamer.error
 

@@ -199,7 +199,6 @@ class Reply:
             if item.finish_reason is not None:
                 last = item
             self._logprobs_due.extend(item.logprobs)
-            self.logprobs.extend(item.logprobs)
             said += yield from self._show(*split.feed(item.text), shown)
         said += yield from self._show(*split.finish(), shown)
         if self._thinking is not None:
@@ -241,12 +240,14 @@ class Reply:
         self.text += text
         self._tail += text
         due, self._logprobs_due = tuple(self._logprobs_due), []
+        self.logprobs.extend(due)
         return Text(text, due)
 
     def _think(self, text: str) -> Thinking:
         now = time.perf_counter()
         self._thinking = (self._thinking[0] if self._thinking else now, now)
         self.reasoning += text
+        self._logprobs_due.clear()  # the thinking's tokens: not the answer's (OpenAI leaves them out too)
         return Thinking(text)
 
     def _count(self, last: Chunk | None) -> None:

@@ -208,16 +208,25 @@ def test_a_stop_that_reaches_the_server_before_its_send_stops_it_when_it_begins(
 
 def test_a_page_load_that_comes_after_the_pages_first_send_does_not_bring_an_older_chat_back(handlers):
     """The load event (restore) and a Send are queued apart: on a busy server the Send can run
-    first. The load then changes nothing (its chat would be older); another page's load is whole."""
+    first. The late load then leaves the chat on screen as it is, joins the chats kept before to
+    the page's (whose copy in the browser the reply had written without them), and a fresh page
+    gets them all."""
     from types import SimpleNamespace
 
     from ui.conversations import browser_value, empty_book
 
+    earlier = empty_book()
+    list(handlers.respond("An older chat", [], "", *VALUES, earlier, "send-0",
+                          request=SimpleNamespace(username=None, session_hash="page-0")))
+    before = browser_value(earlier)  # what the browser kept from an earlier visit
     page = SimpleNamespace(username=None, session_hash="page-late")
-    book = empty_book()
+    book = empty_book()  # the page's book before its load ran
     *_, last = handlers.respond("Hi", [], "", *VALUES, book, "send-1", request=page)
-    saved = browser_value(book)  # what the browser kept after that reply
-    assert all(out == gr.skip() for out in handlers.restore(None, request=page))
+    current = book["current"]
+    out = handlers.restore(before, book, request=page)
+    assert out[1] == gr.skip() and out[2] == gr.skip()  # the chat on screen stays as the reply left it
+    assert out[0] is book and book["current"] == current and len(book["convs"]) == 2  # the older chat joined it
+    assert len(out[-1]["conversations"]) == 2  # and the browser's copy has both again
     assert handlers.load_status(request=page) == gr.skip()  # the reply's own status line stays
-    other = handlers.restore(saved, request=SimpleNamespace(username=None, session_hash="page-2"))
-    assert [m["content"] for m in clean_history(other[1])][0] == "Hi"  # a fresh page still gets it back
+    other = handlers.restore(out[-1], None, request=SimpleNamespace(username=None, session_hash="page-2"))
+    assert other[-1] == gr.skip() and len(other[0]["convs"]) == 2  # a fresh page gets both back

@@ -351,8 +351,12 @@ def test_logprobs_of_each_token_and_its_likeliest_alternatives(client):
     plain = client.chat.completions.create(model="smollm2-llamacpp", messages=PARIS, max_tokens=4)
     assert plain.choices[0].logprobs is None
     done = client.completions.create(model="smollm2-llamacpp", prompt="The capital of France is", max_tokens=6,
-                                     temperature=0, logprobs=2, echo=True)
+                                     temperature=0, logprobs=2)
     lp, text = done.choices[0].logprobs, done.choices[0].text
-    assert "".join(lp.tokens) == text[len("The capital of France is"):]
-    assert lp.text_offset[0] == len("The capital of France is") and lp.text_offset == sorted(lp.text_offset)
+    assert "".join(lp.tokens) == text and lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
     assert all(len(alts) == 2 and max(alts.values()) >= lp_ for alts, lp_ in zip(lp.top_logprobs, lp.token_logprobs))
+    # lm-eval's loglikelihood asks for the prompt's logprobs this way: refused, never answered with none.
+    with pytest.raises(openai.BadRequestError, match="echo with logprobs"):
+        client.completions.create(model="smollm2-llamacpp", prompt="Paris is", max_tokens=1, logprobs=1, echo=True)
+    with pytest.raises(openai.BadRequestError, match="must fit the model's context"):  # a 400, not a broken stream
+        client.completions.create(model="smollm2-llamacpp", prompt="word " * 9000, max_tokens=8, stream=True)

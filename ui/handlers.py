@@ -49,7 +49,7 @@ from .chat import (
     to_messages,
     unmark,
 )
-from .conversations import SETTINGS, VIEW, ConversationPanel, as_book, login, versions_menu
+from .conversations import SETTINGS, ConversationPanel, as_book, login, versions_menu
 from .errors import checked, shown
 from .models import ModelPanel
 from .prompt_view import PromptView
@@ -93,12 +93,20 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
         # after its first Send (restore's queue was busy) must not show the older chat over it.
         self._began: OrderedDict[str, None] = OrderedDict()
 
-    def restore(self, saved: Any, request: gr.Request = None):
-        """Page load, unless this page already began a reply (its load waited in the queue behind
-        other pages' loads): the chat it shows is then newer than what the load would bring back."""
-        if _owner(request) in self._began:
-            return (gr.skip(),) * (VIEW + len(SETTINGS))
-        return super().restore(saved, request)
+    def restore(self, saved: Any, book: Any = None, request: gr.Request = None):
+        """Page load. If this page already began a reply (its load waited in the queue behind other
+        pages' loads), the conversations kept before join the page's own, which win (its chat stays
+        on screen as it is), and the browser's copy gets them all back. Outputs: a view, the
+        settings, and the browser's copy."""
+        if _owner(request) not in self._began or not isinstance(book, dict) or not isinstance(book.get("convs"), dict):
+            return (*super().restore(saved, request), gr.skip())
+        kept = self.open_book(saved, request)
+        for conv_id, conv in kept["convs"].items():
+            book["convs"].setdefault(conv_id, conv)
+        if not book.get("key") and kept.get("key"):
+            book["key"] = kept["key"]  # this browser's earlier attachments stay its own
+        skip = gr.skip()
+        return (book, skip, skip, self.listing(book), skip, skip, *(skip,) * len(SETTINGS), self.persist(book, request))
 
     def load_status(self, request: gr.Request = None):
         """The status line on page load, unless a reply of this page already wrote its own."""

@@ -312,7 +312,8 @@ def _wire(demo, handlers: Handlers, c, m, system, sampling_preset, controls, sav
                        api_visibility="private")
     sampling_preset.change(h.apply_sampling_preset, sampling_preset, sliders, api_visibility="private")
     panel = [m["model"], m["custom"], m["cached"], m["backend"], m["load"], m["unload"], m["note"]]
-    demo.load(h.restore, saved, [book, c["chatbot"], system, *view[1:], *settings], api_visibility="private").then(
+    demo.load(h.restore, [saved, book], [book, c["chatbot"], system, *view[1:], *settings, saved],
+              api_visibility="private").then(
         h.load_status, None, c["status"], api_visibility="private"
     ).then(h.model_panel, None, panel, api_visibility="private").then(
         h.cached_models, None, m["cached"], api_visibility="private"
