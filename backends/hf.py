@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import logging
 import threading
 import weakref
@@ -23,7 +24,8 @@ from typing import Any, Iterator
 from . import register, zerogpu
 from .base import BackendError, Cancel, GenerationParams, Message, ModelSpec, ProgressFn, Prompt, Usage
 from .hf_vision import Placed, Vision, cache_keys, is_vision, reusable
-from .hf_engine import STOPPED, HFJob, InferenceThread, TokenCounter, read_text, sampling_kwargs
+from .hf_engine import (STOPPED, HFJob, InferenceThread, JsonGuide, TokenCounter, json_grammar, read_text,
+                        sampling_kwargs)
 from .hub import download
 from .locate import Location, locate
 from .kvcache import SessionCaches, common_prefix
@@ -50,6 +52,7 @@ def _import_engine() -> tuple[Any, Any]:
 class TransformersBackend(LocalEngine):
     # [engine] settings: how many conversations keep their KV cache between turns, and how big.
     ENGINE_KEYS = {"cache_sessions": 8, "cache_tokens": 16384}
+    features = frozenset({"raw", "json_schema"})  # GenerationParams.features() it honours
 
     def __init__(self) -> None:
         self.caches = SessionCaches(0, 0)
@@ -65,6 +68,7 @@ class TransformersBackend(LocalEngine):
         self._inference: InferenceThread | None = None
         self.vision: Vision | None = None  # a vision model's processor
         self._zero_key = ""  # on ZeroGPU: this model's key in zerogpu.MODELS
+        self._guide_vocab: Any = None  # llguidance's view of the vocabulary, made at the first JSON reply
 
     # ---- loading -------------------------------------------------------------------------
     def load(self, spec: ModelSpec, progress: ProgressFn | None = None) -> None:
@@ -189,7 +193,7 @@ class TransformersBackend(LocalEngine):
         self.caches.clear()
         zerogpu.MODELS.pop(self._zero_key, None)
         self._zero_key = ""
-        self.model = self.draft = self.tokenizer = self.vision = None
+        self.model = self.draft = self.tokenizer = self.vision = self._guide_vocab = None
         if had_model:
             release_memory()
 
@@ -291,6 +295,26 @@ class TransformersBackend(LocalEngine):
                 stream.close()
             reply.streamer.end()
 
+    def prepare(self, messages: list[Message], params: GenerationParams, tools: list[dict[str, Any]] | None = None):
+        if params.json_schema:
+            _json_grammar(params.json_schema)  # a schema it cannot follow is refused before the reply waits in line
+        return super().prepare(messages, params, tools)
+
+    def _sampling(self, params: GenerationParams, prompt_len: int, transformers: Any) -> dict[str, Any]:
+        """generate()'s sampling arguments, with the JSON guide first when the reply must be JSON
+        (before the seeded sampler, which picks the token)."""
+        kwargs = sampling_kwargs(params, transformers)
+        if params.json_schema:
+            if self._guide_vocab is None:  # ~0.3 s once per model
+                import llguidance.hf
+
+                vocab = self.model.config.get_text_config().vocab_size
+                self._guide_vocab = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=vocab,
+                                                                 eos_token=self._eos_ids or None)
+            guide = JsonGuide(self._guide_vocab, _json_grammar(params.json_schema), prompt_len)
+            kwargs["logits_processor"] = transformers.LogitsProcessorList([guide, *kwargs.get("logits_processor", [])])
+        return kwargs
+
     def generate_plain(self, ids: list[int], params: GenerationParams, streamer: Any, stop: Any) -> None:
         """Generate a reply to `ids` into `streamer` until its end or `stop` (an Event) is set, with
         no cache (in ZeroGPU's worker, where nothing of the server's replies is)."""
@@ -303,7 +327,7 @@ class TransformersBackend(LocalEngine):
                 stopping_criteria=transformers.StoppingCriteriaList([TokenCounter(len(ids), (stop,))]),
                 streamer=streamer, eos_token_id=self._eos_ids or None,
                 pad_token_id=self.tokenizer.pad_token_id or (self._eos_ids[0] if self._eos_ids else None),
-                **sampling_kwargs(params, transformers))
+                **self._sampling(params, len(ids), transformers))
 
     def _generate_kwargs(self, reply: "HFJob", cache: Any, torch: Any, transformers: Any) -> dict[str, Any]:
         ids, device = reply.ids, self.model.device
@@ -315,7 +339,7 @@ class TransformersBackend(LocalEngine):
             stopping_criteria=transformers.StoppingCriteriaList([reply.counter]),
             eos_token_id=self._eos_ids or None,
             pad_token_id=self.tokenizer.pad_token_id or (self._eos_ids[0] if self._eos_ids else None),
-            **sampling_kwargs(reply.params, transformers),
+            **self._sampling(reply.params, len(ids), transformers),
         )
         if self.draft is not None:  # assisted generation keeps its own caches
             kwargs["assistant_model"] = self.draft
@@ -399,3 +423,8 @@ def _generation_advice(error: BaseException) -> str:
             "conversation, or load the model in 4-bit."
         )
     return f"Generation failed ({name}: {error}). The model is still loaded; try again or change the settings."
+
+
+@functools.lru_cache(maxsize=64)
+def _json_grammar(schema: str) -> str:
+    return json_grammar(schema)

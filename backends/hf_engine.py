@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from .base import BackendError, Cancel, GenerationParams, Usage
+from .base import BackendError, Cancel, GenerationParams, ParamError, Usage
 
 log = logging.getLogger(__name__)
 STOPPED = ("The transformers inference thread stopped (the model was unloaded, or the thread failed: see the "
@@ -167,3 +167,49 @@ def sampling_kwargs(params: GenerationParams, transformers: Any) -> dict[str, An
             min_p=params.min_p or None,
         )
     return kwargs
+
+
+class JsonGuide:
+    """A logits processor that lets through only tokens that keep the reply valid JSON for a
+    schema (llguidance's matcher over the model's vocabulary; compact JSON, no free whitespace, so
+    a small model cannot wander in blanks). One per reply: it follows that reply's tokens.
+
+    Chosen by measurement (README, "Structured output"): on SmolLM2-135M, 2 cores, a nested
+    schema with an enum: llguidance 28.6 tok/s against 28.9 free (0.8 ms to compile the schema,
+    0.33 s once per model for the vocabulary); xgrammar was as fast but needs triton (~1 GB);
+    lm-format-enforcer 0.11 does not import with transformers 5."""
+
+    def __init__(self, tokenizer: Any, grammar: str, prompt_len: int) -> None:
+        import llguidance
+        import numpy as np
+        from llguidance.numpy import allocate_token_bitmask
+
+        self.np, self.prompt_len = np, prompt_len
+        self.matcher = llguidance.LLMatcher(tokenizer, grammar)
+        self.mask = allocate_token_bitmask(1, tokenizer.vocab_size)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+        from llguidance.numpy import fill_next_token_bitmask
+
+        if input_ids.shape[1] > self.prompt_len:  # the token generate chose last
+            self.matcher.consume_token(int(input_ids[0, -1]))
+        fill_next_token_bitmask(self.matcher, self.mask)
+        allowed = self.np.unpackbits(self.mask.view(self.np.uint8), bitorder="little")[: scores.shape[1]]
+        scores[:, ~torch.from_numpy(allowed.astype(bool))] = float("-inf")
+        return scores
+
+
+def json_grammar(schema: str) -> str:
+    """llguidance's grammar for a JSON schema (text); a ParamError that says why if it cannot be."""
+    import llguidance
+
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    except (ValueError, TypeError) as e:
+        raise ParamError(f"The JSON schema could not be read: {e}.") from e
+    if failed:
+        raise ParamError(f"This JSON schema cannot be followed: {messages[0] if messages else 'not valid'}"[:400]
+                         + ". Use standard JSON schema keywords (type, properties, required, items, enum, ...).")
+    return grammar

@@ -358,7 +358,7 @@ LINE_AGE_S = 30.0  # how long a reply waiting in the manager's line may be passe
 
 FEATURES = {  # what each is called, and which engines have it
     "penalties": ("presence_penalty and frequency_penalty", "the llama.cpp engine has them"),
-    "json_schema": ("JSON output (response_format)", "the llama.cpp engine has it"),
+    "json_schema": ("JSON output (response_format)", "the llama.cpp and transformers engines have it"),
     "logprobs": ("logprobs", "the llama.cpp engine has them"),
     "raw": ("A plain text prompt (/v1/completions)", "the llama.cpp, transformers and remote OpenAI engines have it"),
 }

@@ -273,3 +273,35 @@ def test_session_caches_are_bounded(tiny_model_dir):
     with pytest.raises(BackendError, match="'cache_size'.*known: cache_sessions"):
         create(spec).load(spec_for(tiny_model_dir, engine={"cache_size": 1}))
     backend.unload()
+
+
+def test_json_output_follows_a_nested_schema_with_an_enum():
+    """response_format for transformers (llguidance's matcher as a logits processor): the embedded
+    SmolLM2's reply parses and validates, greedy and seeded, and a schema it cannot follow is
+    refused before the reply waits in line."""
+    import json
+
+    import jsonschema
+
+    from backends import create
+    from presets import load_model_presets
+
+    schema = {"type": "object", "required": ["city", "country", "size", "where"],
+              "properties": {"city": {"type": "string"}, "country": {"type": "string"},
+                             "size": {"type": "string", "enum": ["village", "town", "city"]},
+                             "where": {"type": "object", "required": ["lat", "lon"],
+                                       "properties": {"lat": {"type": "number"}, "lon": {"type": "number"}}}}}
+    spec = load_model_presets()["smollm2-transformers"]
+    backend = create(spec)
+    backend.load(spec)
+    try:
+        ask = [Message("user", "Name the capital of France as JSON.")]
+        for params in (GenerationParams(do_sample=False, max_new_tokens=120, json_schema=json.dumps(schema)),
+                       GenerationParams(temperature=0.8, seed=3, max_new_tokens=120, json_schema=json.dumps(schema))):
+            text, last = collect(backend.stream(ask, params))
+            assert last.finish_reason == "stop", text  # it ended the JSON itself, within max_new_tokens
+            jsonschema.validate(json.loads(text), schema)
+        with pytest.raises(ParamError, match="JSON schema"):
+            backend.prepare(ask, GenerationParams(json_schema='{"type": "object", "properties": 5}'))
+    finally:
+        backend.unload()
