@@ -396,7 +396,7 @@ def build_router(manager: ModelManager, model_id: Any, limits: Limits | None = N
             name = loaded_id(req.model)
             text = prompt_text(req.prompt, limits)
             params = checked_params(req)
-            fits(text, params)
+            await anyio.to_thread.run_sync(fits, text, params)  # it tokenizes: not on the event loop
         except ApiError as e:
             return e.response()
         replies = [manager.reply([Message("user", text)], p, owner(request, req.user))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import functools
 import logging
 import threading
 import weakref
@@ -297,7 +296,7 @@ class TransformersBackend(LocalEngine):
 
     def prepare(self, messages: list[Message], params: GenerationParams, tools: list[dict[str, Any]] | None = None):
         if params.json_schema:
-            _json_grammar(params.json_schema)  # a schema it cannot follow is refused before the reply waits in line
+            json_grammar(params.json_schema)  # a schema it cannot follow is refused before the reply waits in line
         return super().prepare(messages, params, tools)
 
     def _sampling(self, params: GenerationParams, prompt_len: int, transformers: Any) -> dict[str, Any]:
@@ -311,7 +310,7 @@ class TransformersBackend(LocalEngine):
                 vocab = self.model.config.get_text_config().vocab_size
                 self._guide_vocab = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=vocab,
                                                                  eos_token=self._eos_ids or None)
-            guide = JsonGuide(self._guide_vocab, _json_grammar(params.json_schema), prompt_len)
+            guide = JsonGuide(self._guide_vocab, json_grammar(params.json_schema), prompt_len)
             kwargs["logits_processor"] = transformers.LogitsProcessorList([guide, *kwargs.get("logits_processor", [])])
         return kwargs
 
@@ -423,8 +422,3 @@ def _generation_advice(error: BaseException) -> str:
             "conversation, or load the model in 4-bit."
         )
     return f"Generation failed ({name}: {error}). The model is still loaded; try again or change the settings."
-
-
-@functools.lru_cache(maxsize=64)
-def _json_grammar(schema: str) -> str:
-    return json_grammar(schema)

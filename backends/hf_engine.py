@@ -6,6 +6,7 @@ not prompts, templates or Gradio; backends/hf.py loads models and builds the job
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -200,6 +201,7 @@ class JsonGuide:
         return scores
 
 
+@functools.lru_cache(maxsize=64)
 def json_grammar(schema: str) -> str:
     """llguidance's grammar for a JSON schema (text); a ParamError that says why if it cannot be."""
     import llguidance

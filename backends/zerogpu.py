@@ -8,7 +8,7 @@ that a marked function exists), that streams token ids back from the worker. Eve
 is in that process already (forked with the loaded model); only ids and settings cross over.
 
 Without `SPACES_ZERO_GPU`, or without the `spaces` package, nothing changes: `generate` is not
-used and `@spaces.GPU` (when installed) returns the function as it is.
+used, and `spaces` is not even imported (off a Space its `@spaces.GPU` returns the function as it is).
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def _mark() -> tuple[Any, str]:
     return spaces.GPU(duration=duration_s)(_generate), ""
 
 
-generate, _problem = _mark()
+# Only on ZeroGPU: off it the decorator changes nothing, and importing `spaces` costs ~200 ms a start.
+generate, _problem = _mark() if active() else (_generate, "")
 
 
 class _Ids:

@@ -26,7 +26,9 @@ def text_of(stream):
 
 def test_the_generate_function_is_marked_with_the_real_decorator_which_is_a_no_op_off_spaces():
     assert not spaces.config.Config.zero_gpu  # this machine is no ZeroGPU Space
-    assert zerogpu.generate is zerogpu._generate  # what spaces.GPU(duration=...) returns off Spaces
+    assert zerogpu.generate is zerogpu._generate  # off ZeroGPU, `spaces` is not even imported for it
+    marked, problem = zerogpu._mark()  # what the app does on ZeroGPU, with the real package
+    assert marked is zerogpu._generate and problem == ""  # spaces.GPU(duration=...) off Spaces: as it is
     # The duration it asks for grows with the prompt and the reply, within bounds.
     short = zerogpu.duration_s("k", [1] * 10, GREEDY.replace(max_new_tokens=16))
     long = zerogpu.duration_s("k", [1] * 100_000, GREEDY.replace(max_new_tokens=2048))
