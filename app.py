@@ -255,6 +255,7 @@ def serve(settings: Settings, presets: dict, sampling: dict, key: str | None, sp
     # the others their place in line. Waiting replies hold a worker thread, hence max_threads.
     demo = build(handlers, key, concurrency=UI_REPLIES, secret=state.browser_secret())
     demo.queue(default_concurrency_limit=4, max_size=256)
+    quiet_queue(demo)
     # /v1 is its own app, built before the server starts and served by the door, so a client
     # never finds the page up and /v1 missing (routes added after launch raced the first call).
     gate = Gate(access, limits, api=openai_app(manager, presets, limits, handlers.preset_tools))
@@ -274,6 +275,18 @@ def serve(settings: Settings, presets: dict, sampling: dict, key: str | None, sp
         log.info("%s", line)
     log.info("State folder: %s", state.path)
     demo.block_thread()
+
+
+# Gradio's queue looks for new page events every 1 ms while it has none (gradio/queueing.py,
+# Queue.sleep_when_free; there is no public setting): ~4% of a core on an idle server, taken
+# from the decoding threads on a small machine (2 cores here: a single stream decoded ~8% faster
+# through the API with this and the API's pump threads). Every 10 ms instead: a page event
+# starts at most 10 ms later. tests/test_app.py checks Gradio still reads the attribute.
+QUEUE_POLL_S = 0.01
+
+
+def quiet_queue(demo) -> None:
+    demo._queue.sleep_when_free = max(demo._queue.sleep_when_free, QUEUE_POLL_S)
 
 
 def load_tools(folder: Path, presets: dict) -> dict:

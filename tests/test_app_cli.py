@@ -63,3 +63,22 @@ def test_auth_protects_the_app(tmp_path):
         assert "/respond" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     finally:
         app.stop()
+
+
+def test_the_page_queue_looks_for_events_every_10_ms_not_every_1():
+    """Gradio's queue wakes every `sleep_when_free` seconds while idle (1 ms by default: ~4% of a
+    core, taken from decoding on a small machine); app.quiet_queue sets 10 ms. This checks the
+    attribute is still the one Gradio's loop sleeps on, so an upgrade that renames it fails here."""
+    import inspect
+
+    import gradio as gr
+    from gradio.queueing import Queue
+
+    import app
+
+    assert "asyncio.sleep(self.sleep_when_free)" in inspect.getsource(Queue.start_processing)
+    with gr.Blocks() as demo:
+        gr.Markdown("x")
+    demo.queue()
+    app.quiet_queue(demo)
+    assert demo._queue.sleep_when_free == app.QUEUE_POLL_S == 0.01

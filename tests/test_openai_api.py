@@ -360,3 +360,58 @@ def test_logprobs_of_each_token_and_its_likeliest_alternatives(client):
         client.completions.create(model="smollm2-llamacpp", prompt="Paris is", max_tokens=1, logprobs=1, echo=True)
     with pytest.raises(openai.BadRequestError, match="must fit the model's context"):  # a 400, not a broken stream
         client.completions.create(model="smollm2-llamacpp", prompt="word " * 9000, max_tokens=8, stream=True)
+
+
+def test_streams_past_the_reader_threads_wait_for_one_and_a_dropped_stream_frees_its_own(fake, monkeypatch):
+    """Streamed replies are read by a bounded pool of threads (api/openai_api.py PUMPS), not one
+    `to_thread` call per token: a stream past the pool waits for a thread, then streams whole, and
+    a client that goes away mid-reply stops its reply and gives its thread back."""
+    import asyncio
+    import concurrent.futures
+
+    import api.openai_api as api
+    from backends.base import GenerationParams, Message
+
+    monkeypatch.setattr(api, "PUMPS", concurrent.futures.ThreadPoolExecutor(1))
+    words = "one two three four five six seven eight nine ten"
+    monkeypatch.setattr(fake._backend, "script", words)
+    monkeypatch.setattr(fake._backend, "piece", 5)  # 10 pieces, one a step
+    monkeypatch.setattr(fake._backend, "step_delay", 0.05)
+    params = GenerationParams(max_new_tokens=100, do_sample=False)
+
+    def completion(who: str):
+        return api.Completion([fake.reply([Message("user", "Count.")], params, who)], "fake")
+
+    def texts(events: list[str]) -> str:
+        return "".join(json.loads(e[5:])["choices"][0]["delta"].get("content", "")
+                       for e in events if e.startswith("data: {") and '"choices": [{' in e)
+
+    async def both() -> tuple[list[str], list[str], float]:
+        async def read(c) -> list[str]:
+            return [e async for e in c.events(include_usage=False)]
+
+        start = time.monotonic()
+        first, second = await asyncio.gather(read(completion("a")), read(completion("b")))
+        return first, second, time.monotonic() - start
+
+    first, second, took = asyncio.run(both())
+    assert texts(first) == texts(second) == words and first[-1] == second[-1] == "data: [DONE]\n\n"
+    assert took >= 2 * 10 * 0.05 * 0.9  # one thread: the second stream waited for the first to end
+
+    async def dropped() -> None:
+        c = completion("c")
+        events = c.events(include_usage=False)
+        async for event in events:
+            if texts([event]):
+                break  # the first piece came
+        fake._backend.closed.clear()
+        await events.aclose()  # what Starlette does when the client goes away
+
+    asyncio.run(dropped())
+    assert fake._backend.closed.wait(2)  # the reply stopped generating
+    steps = fake._backend.steps
+    time.sleep(0.3)
+    assert fake._backend.steps == steps
+    start = time.monotonic()
+    again = asyncio.run(both())  # the dropped stream's thread came back: both stream again
+    assert texts(again[0]) == words and time.monotonic() - start < 10
