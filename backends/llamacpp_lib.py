@@ -73,8 +73,9 @@ class Lib:
         params.n_seq_max = sequences
         params.kv_unified = True  # one pool of cells: a long conversation may use what idle ones do not
         params.n_threads = params.n_threads_batch = threads
-        if flash_attention:
-            params.flash_attn_type = getattr(self.c, "LLAMA_FLASH_ATTN_TYPE_ENABLED", 1)
+        # Said either way: llama.cpp's default is "auto", which turns it on wherever it runs.
+        params.flash_attn_type = (self.c.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attention
+                                  else self.c.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         ctx = self.internals.LlamaContext(model=model.raw, params=params, verbose=False)
         return Context(self, ctx, n_batch, sequences)
 

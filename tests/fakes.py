@@ -117,8 +117,8 @@ class FakeLlama:
         self.lock = threading.Lock()
 
     # the Lib and Model sides
-    def context(self, model, *, cells, n_batch, sequences, threads):
-        self.n_batch = n_batch
+    def context(self, model, *, cells, n_batch, sequences, threads, flash_attention=True):
+        self.n_batch, self.flash_attention = n_batch, flash_attention
         return self
 
     def is_eog(self, token: int) -> bool:

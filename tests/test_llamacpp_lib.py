@@ -111,3 +111,16 @@ def test_two_sequences_share_cells_decode_and_sample(lib_model):
     finally:
         batch.close()
         ctx.close()
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_flash_attention_is_set_either_way_never_left_to_auto(lib_model, flash):
+    """llama.cpp's default is "auto", which turns flash attention on wherever it runs; the engine
+    turns it off on the CPU (backends/llamacpp_engine.py), so "off" must say DISABLED."""
+    lib, model = lib_model
+    ctx = lib.context(model, cells=256, n_batch=64, sequences=1, threads=1, flash_attention=flash)
+    try:
+        assert ctx.raw.params.flash_attn_type == (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash
+                                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    finally:
+        ctx.close()
