@@ -3,13 +3,15 @@
     python bench/fairness.py [--llama-server PATH] [--seconds 40] [--flood 8] [--readme]
     -> bench/results/fairness.json and a table on stdout (and in README.md with --readme)
 
-Every server is started at the start and measured in turn (the others sit idle) through the
+Every server is started at the start (and its CPU use while idle measured, all of them idle) and
+measured in turn (the others sit idle) through the
 streaming OpenAI-compatible API, greedy:
 1. single stream: decode tokens/s of one 256-token reply, in interleaved rounds with
    llama-cpp-python's own API in process (the raw engine), so a slow moment of the machine hits
    every contender alike;
 2. 8 users: 8 streams of 128 tokens at once: aggregate tokens/s and p95 time to first token;
-3. a long chat: 10 turns reaching ~2,000 tokens: time to first token at turn 10 / turn 1;
+3. a long chat: 10 turns reaching ~2,000 tokens: time to first token at turn 10 / turn 1; and
+   the decode rate of a reply after a ~2,000-token prompt;
 4. the noisy neighbour: four heavy clients send ~4,000-token prompts back to back while one
    light client asks a short question every 3 s: the light question's time to first token (p50 /
    p95 / max), and the heavy clients' prompt tokens read per second with the light client and
@@ -160,6 +162,30 @@ def long_chat(url: str) -> dict:
         turns.append(round(r["ttft_s"] * 1000))
         messages.append({"role": "assistant", "content": r["text"]})
     return {"turns_ms": turns, "ratio": round(turns[-1] / turns[0], 2)}
+
+
+def long_decode(url: str, runs: int = 3) -> dict:
+    """Decode tokens/s of a 128-token reply after a ~2,000-token prompt (median of `runs`): what a
+    long conversation's replies stream at, where attention reads the whole context every token."""
+    rates = []
+    for _ in range(runs):
+        r = stream(url, heavy_prompt(random.randrange(10**6), paragraphs=30) + " In detail, please.", 128)
+        if r["ok"] and r["last_s"] > r["ttft_s"]:
+            rates.append(decode_rate(tokens_of(r["text"]), r["ttft_s"], r["last_s"]))
+    return {"tokens_per_s": round(statistics.median(rates), 1) if rates else None, "samples": [round(x, 1) for x in rates]}
+
+
+def idle_cpu(servers: dict[str, "Server"], seconds: float = 5.0) -> dict[str, float]:
+    """Each server's CPU while nobody asks anything, in % of one core (all of them idle at once:
+    what an idle server takes from whatever else runs on the machine)."""
+    def used(pid: int) -> float:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    before = {name: used(s.proc.pid) for name, s in servers.items()}
+    time.sleep(seconds)
+    return {name: round(100 * (used(s.proc.pid) - before[name]) / seconds, 1) for name, s in servers.items()}
 
 
 # ---- 4: the noisy neighbour ------------------------------------------------------------------
@@ -325,14 +351,18 @@ def run(names: list[str], llama_server: str | None, seconds: float, rounds: int,
             except (RuntimeError, TimeoutError, httpx.HTTPError) as e:  # a peer that would not run: said, not fatal
                 print(f"  {name} did not run: {e}", flush=True)
                 result["servers"][name] = {"failed": str(e)[:300]}
+        time.sleep(2)  # past their start-up's last work
+        for name, percent in idle_cpu(servers).items():
+            result["servers"][name]["idle_cpu_percent"] = percent
         print(f"1 single stream, {rounds} interleaved rounds ...", flush=True)
         steady = single(servers, rounds)
         result["engine"] = steady.pop("engine")
         for name, server in servers.items():
             x = result["servers"][name]
             x["single"] = steady[name]
-            print(f"2-3 {name}: 8 users, a long chat ...", flush=True)
+            print(f"2-3 {name}: 8 users, a long chat, decoding after a long prompt ...", flush=True)
             x["many"] = many(server.url)
+            x["long_decode"] = long_decode(server.url)
             chats = sorted((long_chat(server.url) for _ in range(rounds)), key=lambda c: c.get("ratio", float("inf")))
             x["long_chat"] = {**chats[len(chats) // 2], "ratios": [c.get("ratio") for c in chats]}  # the median run
             save()
@@ -383,6 +413,10 @@ def table(r: dict) -> str:
             return (f"{lc['ratio']:.2f} ({lc['turns_ms'][0]} -> {lc['turns_ms'][-1]} ms; runs "
                     f"{', '.join(map(str, lc.get('ratios', [])))})" if "ratio" in lc
                     else f"failed: {lc.get('error', '')[:60]}")
+        if what == "long_decode":
+            return str(x.get("long_decode", {}).get("tokens_per_s"))
+        if what == "idle":
+            return f"{x.get('idle_cpu_percent')}%"
         w = x.get("with_light", {})
         if what == "light":
             return (f"{w['light_ttft_p50_s']} / {w['light_ttft_p95_s']} / {w['light_ttft_max_s']} s"
@@ -398,11 +432,13 @@ def table(r: dict) -> str:
          f">= {TARGETS['single_vs_engine']} of the engine", "single"),
         (f"{USERS} users at once: aggregate tok/s / p95 first token", "aggregate >= llama-server's", "many"),
         ("a 10-turn chat: first token at turn 10 / turn 1", f"<= {TARGETS['long_chat']}", "long"),
+        ("decode tok/s of a 128-token reply after a ~2,000-token prompt", "", "long_decode"),
         (f"noisy neighbour: a short question's first token p50 / p95 / max, {HEAVY_CLIENTS} heavy clients",
          f"p95 <= {TARGETS['light_p95_s']:.0f} s, >= 10x better than llama-server", "light"),
         ("noisy neighbour: heavy clients' prompt tok/s with the light one",
          f">= {TARGETS['heavy_ratio']} of alone", "heavy"),
         ("noisy neighbour: failed requests", "0", "errors"),
+        ("CPU while idle, % of one core (5 s)", "", "idle"),
     ]
     out = ["| measure | goal (Confab) | " + " | ".join(names) + " |", "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
     out += [f"| {label} | {goal} | " + " | ".join(cell(servers[n], what) for n in names) + " |" for label, goal, what in rows]
