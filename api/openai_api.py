@@ -20,6 +20,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
+import queue
+import threading
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
@@ -37,6 +40,8 @@ from chat.formats import ToolCall, ToolFormat, calls_from_openai
 from chat.reply import Reply, Text, Thinking, tool_format
 from chat.tools import Toolset
 from web.policy import Limits
+
+log = logging.getLogger(__name__)
 
 
 class SamplingRequest(BaseModel):
@@ -502,7 +507,46 @@ _END = object()  # a reply's events are over
 # streamed. Past this many, a stream waits for a free one before its first token; the replies
 # behind it in the engine's line wait anyway, and the page's own threads are never taken.
 STREAM_THREADS = 64
-PUMPS = concurrent.futures.ThreadPoolExecutor(STREAM_THREADS, thread_name_prefix="api-stream")
+
+
+class DaemonPool:
+    """At most `size` daemon threads running submitted calls, the rest waiting their turn.
+    (concurrent.futures' and anyio's workers are not daemons: Python's exit waits for them, so a
+    stream still being read would hold a stopped server open until its reply ended.)"""
+
+    def __init__(self, size: int, name: str) -> None:
+        self.size, self.name = size, name
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        # threads started; threads waiting with no job claimed for them; jobs waiting for a thread
+        self._threads = self._free = self._queued = 0
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        with self._lock:
+            if self._free:
+                self._free -= 1  # claimed: that thread takes this job
+            elif self._threads < self.size:
+                self._threads += 1
+                threading.Thread(target=self._work, name=f"{self.name}-{self._threads}", daemon=True).start()
+            else:
+                self._queued += 1  # the next thread to finish takes it
+        self._jobs.put((fn, args))
+
+    def _work(self) -> None:
+        while True:
+            fn, args = self._jobs.get()
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - a job's failure is its own; the thread serves the next
+                log.exception("%s job failed", self.name)
+            with self._lock:
+                if self._queued:
+                    self._queued -= 1
+                else:
+                    self._free += 1
+
+
+PUMPS = DaemonPool(STREAM_THREADS, "api-stream")
 
 
 class Completion:

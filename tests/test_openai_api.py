@@ -367,12 +367,11 @@ def test_streams_past_the_reader_threads_wait_for_one_and_a_dropped_stream_frees
     `to_thread` call per token: a stream past the pool waits for a thread, then streams whole, and
     a client that goes away mid-reply stops its reply and gives its thread back."""
     import asyncio
-    import concurrent.futures
 
     import api.openai_api as api
     from backends.base import GenerationParams, Message
 
-    monkeypatch.setattr(api, "PUMPS", concurrent.futures.ThreadPoolExecutor(1))
+    monkeypatch.setattr(api, "PUMPS", api.DaemonPool(1, "test-stream"))
     words = "one two three four five six seven eight nine ten"
     monkeypatch.setattr(fake._backend, "script", words)
     monkeypatch.setattr(fake._backend, "piece", 5)  # 10 pieces, one a step
@@ -415,3 +414,35 @@ def test_streams_past_the_reader_threads_wait_for_one_and_a_dropped_stream_frees
     start = time.monotonic()
     again = asyncio.run(both())  # the dropped stream's thread came back: both stream again
     assert texts(again[0]) == words and time.monotonic() - start < 10
+
+
+def test_the_stream_pool_runs_at_most_its_size_at_once_on_daemon_threads():
+    """Daemons, so a stream still being read never holds a stopped server's exit; bounded, so
+    many streams never make many threads; every job runs, in turn."""
+    import threading
+
+    from api.openai_api import DaemonPool
+
+    pool, lock, gate = DaemonPool(2, "test-pool"), threading.Lock(), threading.Event()
+    running, most, done, daemons = [0], [0], [], []
+
+    def job(i):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        daemons.append(threading.current_thread().daemon)
+        gate.wait(5)
+        with lock:
+            running[0] -= 1
+            done.append(i)
+
+    for i in range(5):
+        pool.submit(job, i)
+    time.sleep(0.3)
+    assert running[0] == 2 and not done  # two at once; three wait their turn
+    gate.set()
+    deadline = time.monotonic() + 5
+    while len(done) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(done) == list(range(5)) and most[0] == 2 and all(daemons)
+    assert pool._threads == 2 and pool._free == 2 and pool._queued == 0  # both idle now, nothing owed
