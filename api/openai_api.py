@@ -643,7 +643,9 @@ class Completion:
             try:
                 for event in reply:
                     hand_over((index, event))
-            finally:
+            except Exception as e:  # noqa: BLE001 - a bug below: raised on the loop, as a direct read would
+                hand_over((index, e))
+            else:
                 hand_over((index, _END))
 
         for index, reply in enumerate(self.replies):
@@ -651,6 +653,8 @@ class Completion:
         left = len(self.replies)
         while left:
             item = await out.get()
+            if isinstance(item[1], Exception):
+                raise item[1]
             left -= item[1] is _END
             yield item
 

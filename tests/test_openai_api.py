@@ -446,3 +446,24 @@ def test_the_stream_pool_runs_at_most_its_size_at_once_on_daemon_threads():
         time.sleep(0.01)
     assert sorted(done) == list(range(5)) and most[0] == 2 and all(daemons)
     assert pool._threads == 2 and pool._free == 2 and pool._queued == 0  # both idle now, nothing owed
+
+
+def test_a_server_stopped_mid_stream_exits_at_once():
+    """SIGTERM while an API reply streams: the process ends in seconds (its stream readers are
+    daemons; a pool Python's exit waits for would hold it until the reply ended)."""
+    import signal
+
+    app = RunningApp()
+    try:
+        with httpx.stream("POST", app.url + "/v1/chat/completions", timeout=30,
+                          json={"messages": [{"role": "user", "content": "Write a very long story."}],
+                                "stream": True, "max_tokens": 3000, "temperature": 0}) as r:
+            for i, _line in enumerate(r.iter_lines()):
+                if i > 10:
+                    break
+            start = time.monotonic()
+            app.proc.send_signal(signal.SIGTERM)
+            app.proc.wait(20)
+        assert time.monotonic() - start < 10, app.log_path.read_text()[-2000:]
+    finally:
+        app.stop()
