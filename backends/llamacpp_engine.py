@@ -52,14 +52,18 @@ PENALTY_LAST_N = 64  # as llama-cpp-python's create_completion
 # that reads a long prompt is kept to about STEP_S (its size follows the measured cost per token).
 # Each step does one kind of work: new short prompts (what someone waits on for a first token),
 # a token for every reply being written, or a chunk of the long prompts. Measured on 2 CPU cores
-# (embedded model, 4 conversations of 3.6k tokens in the cache, with flash attention then): a 40-token question alone 318 ms,
+# (embedded model, 4 conversations of 3.6k tokens in the cache): a 40-token question alone 318 ms,
 # with 3 replies' tokens 504 ms; 3 replies' tokens alone 183 ms; 64 tokens of a long prompt 605 ms,
 # with 3 replies' tokens in the same batch 1,226 ms: mixed batches cost more than their parts.
 STEP_S = 0.3
-# Prompt chunks are read in multiples of TILE tokens (a step's budget, see _budget), at least one
-# TILE, never leaving a smaller remainder: it keeps the steps' sizes steady and their measured
-# cost per token comparable.
+# llama.cpp's CPU flash attention reads a batch of 64 tokens or more in tiles; a smaller batch
+# takes a per-token path whose cost grows with the context: at a 4k-token context 48 tokens cost
+# 2,274 ms and 64 cost 605 ms (measured as above). So a long prompt is read in chunks of at least
+# TILE tokens, never leaving a smaller remainder, and a short turn after a long cached conversation
+# reads the last TILE tokens again instead of a few tokens alone (REREAD_AFTER: below that cached
+# length the two cost the same).
 TILE = 64
+REREAD_AFTER = 1024
 AGING_STEPS = 4  # every this many prompt steps the prompt waiting longest is read first (no prompt starves)
 PASS_S = 5.0  # a request that fits the KV cache may start before an earlier one that does not, for so long
 RESERVE = 16  # 1/RESERVE of the KV cache is kept for small replies: a long prompt waiting for room
@@ -117,14 +121,15 @@ class BatchEngine:
     def __init__(self, lib: Lib, model: Model, *, n_ctx: int, kv_cells: int, slots: int, n_threads: int,
                  n_batch: int = 512, cpu: bool = True) -> None:
         self.model = model
-        # Flash attention on a GPU only. On the CPU (llama-cpp-python 0.3.36, 2 cores, the embedded
-        # model) it makes every batch of fewer than 64 tokens take a per-token path whose cost grows
-        # with the context: one token at 3,600 cached costs 62 ms with it, 24 ms without (7,000:
-        # 107 vs 37 ms); a step of 8 users' tokens 75 vs 61 ms; a 48-token turn after 3,600 tokens
-        # 2,268 vs 330 ms. Only long chunks gain from it (256 tokens at 3,600: 1,697 vs 2,092 ms),
-        # and the engine reads prompts in ~STEP_S steps, 64 tokens at that length. Same memory.
+        # Flash attention on, also on the CPU. There its batches of fewer than 64 tokens take a
+        # slow per-token path (see TILE; a token at 3,600 tokens of context 62 ms, 24 without),
+        # but without it attention reads every used cell of the unified cache, other
+        # conversations' too (masked), so idle conversations slow everyone: with 10,000 cached
+        # cells of others, a token of a 300-token chat costs 52 ms without and 23 with it, a
+        # 100-token turn 1,585 vs 481 ms (2 cores, llama-cpp-python 0.3.36); the API's long chat
+        # went from 423 -> 756 ms (turn 1 -> 10) to 754 -> 1,085 ms without.
         self.ctx: Context = lib.context(model, cells=kv_cells, n_batch=n_batch, sequences=slots, threads=n_threads,
-                                        flash_attention=not cpu)
+                                        flash_attention=True)
         self.batch: Batch = self.ctx.batch()
         self.n_ctx, self.n_batch, self.n_vocab, self.kv_cells = n_ctx, n_batch, model.n_vocab, kv_cells
         self.slots = [Slot(seq=i) for i in range(slots)]
@@ -134,6 +139,7 @@ class BatchEngine:
         self._last_kind, self._repeats = "", 0  # the kind of work the last steps did, and how many in a row
         self._row_s = 0.0  # seconds a prompt token costs, measured (0: not yet, the first step is 4 tiles)
         self.reserve = kv_cells // RESERVE  # cells only small replies may take (see _admit_one)
+        self.cpu = cpu
         self.failure = ""  # why the engine thread stopped, if it died
         self._stop = False
         self.thread = threading.Thread(target=self._run, name="llamacpp-engine", daemon=True)
@@ -302,6 +308,8 @@ class BatchEngine:
 
     def _start(self, slot: Slot, request: Request) -> None:
         limit = len(request.ids) - 1  # at least one prompt token is read, to get fresh logits
+        if self.cpu and len(request.ids) > REREAD_AFTER and not request.media:
+            limit = min(limit, len(request.ids) - TILE)  # a whole tile: see TILE
         keep = self._whole(request, min(self._reusable(slot, request), limit))
         own = keep if slot.owner == request.owner else 0
         self._truncate(slot, keep)
