@@ -278,10 +278,10 @@ def serve(settings: Settings, presets: dict, sampling: dict, key: str | None, sp
 
 
 # Gradio's queue looks for new page events every 1 ms while it has none (gradio/queueing.py,
-# Queue.sleep_when_free; there is no public setting): ~4% of a core on an idle server, taken
-# from the decoding threads on a small machine (2 cores here: a single stream decoded ~8% faster
-# through the API with this and the API's pump threads). Every 10 ms instead: a page event
-# starts at most 10 ms later. tests/test_app.py checks Gradio still reads the attribute.
+# Queue.sleep_when_free; there is no public setting): ~4% of a core on an idle server, and
+# ~0.8 ms of CPU per token streamed through /v1, taken from the decoding threads on a small
+# machine (2 cores here). Every 10 ms instead: ~1% idle, and a page event starts at most 10 ms
+# later. tests/test_app_cli.py checks Gradio still sleeps on the attribute.
 QUEUE_POLL_S = 0.01
 
 
