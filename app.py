@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "$CONFAB_API_KEY, comma-separated)")
     p.add_argument("--concurrency", type=int, default=None,
                    help="most replies generated at once; others wait in line and see their place "
-                   "(default: what the engine batches, 8 for llama.cpp, 1 for transformers)")
+                   "(default: what the engine takes: 4 per llama.cpp slot, 4 for transformers)")
     p.add_argument("--swap-grace", type=float, default=5.0, metavar="SECONDS",
                    help="when a model is loaded or unloaded, replies still being written get this long to "
                    "finish; the rest are stopped and their users told why (default %(default)s)")

@@ -10,6 +10,7 @@ import functools
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -51,10 +52,23 @@ def read_text(reply: HFJob, engine: "InferenceThread", cancel: Cancel) -> Iterat
         yield text, reply.counter.generated
 
 
-class InferenceThread:
-    """The one thread that runs `generate`: replies arrive on a queue and run one at a time.
+SLICE_S = 0.5  # how long one reply holds the inference thread while another waits for it
+PASSES = 3  # how many shorter replies may start before one that waits
+FRESH_RUN = 2  # how many slices in a row new replies may take while started ones wait
 
-    A reply stopped while it waited is skipped, never run. A reply hands its own exceptions to
+
+class InferenceThread:
+    """The one thread that runs the model. Replies arrive on a queue and share it a slice at a time.
+
+    A reply is a generator (`run(reply)`) that does one slice of work per `next()`: a chunk of its
+    prompt, or a stretch of tokens that ends after SLICE_S when another reply waits
+    (`contended()`). Between slices the thread picks who goes next: a reply that has not started
+    goes first, the shortest prompt first (a one-line question is read at the next slice, not
+    after a pasted document) unless one has been passed PASSES times, but never more than
+    FRESH_RUN in a row while a started one waits; started replies take turns, the one that ran
+    longest ago first. So the started replies share at least one slice in FRESH_RUN + 1 and
+    nothing starves. A reply stopped while it waited (cancelled, its reader gone, unloading) is
+    closed there, never run on. A reply hands its own exceptions to
     its consumer; a BaseException (SystemExit) ends the thread, and consumers see `alive()` turn
     false instead of waiting for text that will never come."""
 
@@ -62,15 +76,21 @@ class InferenceThread:
         self.closing = threading.Event()  # unload: every reply's stopping criteria sees it
         self.idle = threading.Event()
         self.idle.set()
-        self._queue: "queue.Queue[tuple[Callable[[HFJob], None], HFJob] | None]" = queue.Queue()
+        self._queue: "queue.Queue[tuple[Callable[[HFJob], Iterator[None]], HFJob] | None]" = queue.Queue()
+        self._live = 0  # replies on the thread now (started or not); read by contended()
+        self._new_run = 0  # how many slices in a row went to replies that had not started
         self._thread = threading.Thread(target=self._loop, name="hf-inference", daemon=True)
         self._thread.start()
 
-    def submit(self, run: Callable[[HFJob], None], reply: HFJob) -> None:
+    def submit(self, run: Callable[[HFJob], Iterator[None]], reply: HFJob) -> None:
         self._queue.put((run, reply))
 
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def contended(self) -> bool:
+        """Whether a reply other than the one running waits for the thread (read between tokens)."""
+        return self._live > 1 or not self._queue.empty()
 
     def stop(self) -> None:
         self.closing.set()
@@ -83,19 +103,142 @@ class InferenceThread:
         return not self._thread.is_alive()
 
     def _loop(self) -> None:
-        while (job := self._queue.get()) is not None:
-            run, reply = job
-            if reply.counter.should_stop():  # cancelled, its consumer gone, or unloading
-                reply.streamer.end()  # its consumer, if still reading, sees the end at once
-            else:
-                self.idle.clear()
-                try:
-                    run(reply)
-                except Exception:  # noqa: BLE001 - keeping a cache failed after the reply was streamed
-                    log.exception("the transformers inference thread's job failed")
-                finally:
+        live: list[_Turn] = []
+        try:
+            while True:
+                self._live = len(live)
+                if not live:
                     self.idle.set()
-            del job, run, reply  # hold no reply (and through it the model) while waiting
+                if not self._take(live):
+                    return
+                self._drop_stopped(live)
+                self._live = len(live)
+                if live:
+                    self.idle.clear()
+                    self._step(live)
+        finally:
+            self.closing.set()  # unloading, or the thread failed: a reply cut short says so
+            for turn in live:
+                turn.close()
+
+    def _step(self, live: list["_Turn"]) -> None:
+        """Give the next reply in order one slice (its own frame: this loop holds no reply, and
+        through it the model, while it waits)."""
+        started = [t for t in live if t.work is not None]
+        new = [t for t in live if t.work is None]
+        if new and not (self._new_run >= FRESH_RUN and started):
+            turn = min(new, key=lambda t: (t.passed < PASSES, len(t.reply.ids)))
+            for other in new:
+                other.passed += other is not turn
+            self._new_run += 1
+        else:
+            turn, self._new_run = min(started, key=lambda t: t.ran), 0
+        if not turn.step():
+            live.remove(turn)
+
+    @staticmethod
+    def _drop_stopped(live: list["_Turn"]) -> None:
+        for turn in [t for t in live if t.reply.counter.should_stop()]:
+            live.remove(turn)
+            turn.close()  # stopped while it waited: its reader sees the end at once
+
+    def _take(self, live: list["_Turn"]) -> bool:
+        """Move what has arrived into `live`, waiting for it only when nothing is live; False once
+        the thread is told to stop."""
+        try:
+            while True:
+                job = self._queue.get(block=not live)
+                if job is None:
+                    return False
+                live.append(_Turn(*job))
+        except queue.Empty:
+            return True
+
+
+class _Turn:
+    """A reply on the inference thread: its work (a generator, made at its first slice)."""
+
+    def __init__(self, run: Callable[[HFJob], Iterator[None]], reply: HFJob) -> None:
+        self.run, self.reply = run, reply
+        self.work: Iterator[None] | None = None
+        self.ran = 0.0  # when its last slice ended
+        self.passed = 0  # how many times another new reply started before it
+
+    def step(self) -> bool:
+        """Run one slice; whether the reply has more to do."""
+        if self.work is None:
+            self.work = self.run(self.reply)
+        try:
+            next(self.work)
+        except StopIteration:
+            return False
+        except Exception:  # noqa: BLE001 - a job hands its own errors to its reader; this is a bug
+            log.exception("the transformers inference thread's job failed")
+            self.reply.streamer.end()  # its reader must not wait for more
+            return False
+        self.ran = time.monotonic()
+        return True
+
+    def close(self) -> None:
+        if self.work is None:
+            self.reply.streamer.end()
+            return
+        try:
+            self.work.close()  # its own clean-up ends its text and keeps its cache
+        except Exception:  # noqa: BLE001 - keeping a cache failed; the reply has ended anyway
+            log.exception("closing a transformers reply failed")
+            self.reply.streamer.end()
+
+
+class Resumable:
+    """A reply's streamer across the slices of `generate` it is written in. Each slice starts by
+    putting its input (the prompt and what is written so far: not new text) and ends with
+    `end()`, which is not the reply's end; the reply's own streamer hears each token once, and
+    its end only from the reply (`streamer.end()`)."""
+
+    def __init__(self, streamer: Any) -> None:
+        self.streamer = streamer
+        self.slices = 0
+        self.input_next = True
+
+    def put(self, value: Any) -> None:
+        if self.input_next:
+            self.input_next = False
+            if self.slices:
+                return  # the streamer skips the first slice's input (the prompt) itself
+        self.streamer.put(value)
+
+    def end(self) -> None:
+        self.slices += 1
+        self.input_next = True
+
+
+class SliceEnd:
+    """A StoppingCriteria that ends a slice of `generate` after SLICE_S, but only while another
+    reply waits for the thread (alone, a reply is written in one call)."""
+
+    def __init__(self, engine: InferenceThread) -> None:
+        self.engine = engine
+        self.until = 0.0
+        self.ended = False
+
+    def start(self) -> None:
+        self.until, self.ended = time.monotonic() + SLICE_S, False
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        self.ended = time.monotonic() >= self.until and self.engine.contended()
+        return torch.full((input_ids.shape[0],), self.ended, dtype=torch.bool)
+
+
+def chunk_size(tokens: int, seconds: float) -> int:
+    """The next prompt chunk's length: about SLICE_S at the cost per token just measured, in
+    multiples of 64 from 256 to 4,096. A chunk's cost per token grows with the context read
+    before it, and shorter chunks cost more per token: SmolLM2-135M on 2 cores, 3,000 tokens in,
+    2.3 ms a token in chunks of 256-1,024, 2.8 in chunks of 128, 3.6 in chunks of 64."""
+    per_token = max(seconds, 1e-6) / max(tokens, 1)
+    return max(256, min(4096, int(SLICE_S / per_token) // 64 * 64))
 
 
 class TokenCounter:

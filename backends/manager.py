@@ -3,7 +3,8 @@
 Everything above (UI, API, terminal, the Python APIs) asks `ModelManager.reply` for a `Reply`
 (chat/reply.py), which calls `stream` once per round; nothing else talks to a backend. As many
 replies go to the engine at once as it takes (`backend.max_concurrent`: 4 per slot for llama.cpp,
-whose engine keeps its own line by KV room, 1 for transformers on a CPU, capped by --concurrency);
+whose engine keeps its own line by KV room, `[engine] replies` for transformers, which share its one
+thread a slice at a time; capped by --concurrency);
 the rest wait in a line, the shortest prompt first (for at most LINE_AGE_S), and are told their
 place. A conversation is fitted to the context before it takes its place, so a long chat never holds an engine slot while it is measured. Every wait
 here wakes when the reply's `Cancel` is set. A load gives the replies in flight a grace period,
@@ -338,9 +339,9 @@ class ModelManager:
 
     def _order(self) -> list[object]:
         """The line in the order replies are let in (under `_cond`): the shortest prompt first, so
-        on an engine that answers one reply at a time (transformers on a CPU) a one-line question
-        is not kept behind a pasted document that came a moment before it; but a reply that has
-        waited LINE_AGE_S goes before any that came after it, so a long one is passed only so long."""
+        a one-line question is not kept behind a pasted document that came a moment before it;
+        but a reply that has waited LINE_AGE_S goes before any that came after it, so a long one
+        is passed only so long."""
         now, overdue, rest = time.monotonic(), [], []
         for ticket, (_, came) in self._line.items():  # in the order they came
             (overdue if now - came > LINE_AGE_S else rest).append(ticket)

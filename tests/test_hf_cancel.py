@@ -9,7 +9,7 @@ import pytest
 
 from conftest import hf_spec
 
-from backends import create
+from backends import create, hf_engine
 from backends.base import BackendError, Cancel, GenerationParams, Message
 
 QUESTION = [Message("user", "what is the capital of france?")]
@@ -100,7 +100,8 @@ def test_closing_the_reply_never_waits_for_the_engine(hf):
         assert len(calls) <= n + 2  # the step under way, and no other
 
 
-def test_a_queued_reply_that_is_cancelled_never_runs(hf):
+def test_a_queued_reply_that_is_cancelled_never_runs(hf, monkeypatch):
+    monkeypatch.setattr(hf_engine, "SLICE_S", 60.0)  # the running reply keeps the thread: the other waits
     generated, original = [], hf.model.generate
 
     def counting_generate(**kwargs):
