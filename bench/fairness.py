@@ -19,7 +19,13 @@ streaming OpenAI-compatible API, greedy:
    it from a cache of the others;
 5. the flood (Confab): 8 conversations of 1,000 messages each at once (each fills the context),
    and a short question 5 s later: each must be answered or refused with a 4xx that says why
-   (never a 500), and the question answered at once.
+   (never a 500), and the question answered at once;
+6. transformers, which runs one reply at a time (in process, the embedded model through the
+   manager): a short question asked while one ~4,000-token prompt is answered and another waits,
+   with the engine sharing its thread a slice at a time (`[engine] replies = 4`, the default)
+   and without (`replies = 1`: the manager's shortest-first line only); and what the slices
+   cost one reply alone (first token of the long prompt, decode tok/s). `--transformers-only`
+   runs this part alone.
 The peers: llama-cpp-python's `llama_cpp.server`, and, given `--llama-server`, llama.cpp's own C++
 server (8 slots, a unified KV cache of 16k cells, like Confab's engine). A peer that fails a
 request has its error texts kept in the JSON.
@@ -331,6 +337,52 @@ def start(name: str, llama_server: str | None) -> Server:
     return server
 
 
+# ---- 6: transformers, one reply at a time --------------------------------------------------
+def transformers_part(replies: int, long_tokens: int = 32, short_tokens: int = 16) -> dict:
+    """The embedded model in transformers through the manager, with `[engine] replies` set."""
+    from backends.base import Chunk, GenerationParams, Message
+    from backends.manager import ModelManager
+    from presets import load_model_presets
+
+    spec = load_model_presets()["smollm2-transformers"]
+    manager = ModelManager()
+    manager.load(spec.replace(engine={**spec.engine, "replies": replies}))
+    times: dict[str, dict] = {}
+
+    def ask(name: str, text: str, tokens: int) -> None:
+        start, first, n = time.perf_counter(), None, 0
+        params = GenerationParams(do_sample=False, max_new_tokens=tokens, repetition_penalty=1.0)
+        for event in manager.stream([Message("user", text)], params, session_id=name):
+            if isinstance(event, Chunk) and event.text:
+                first = first or time.perf_counter()
+            if isinstance(event, Chunk) and event.usage:
+                n = event.usage.completion_tokens or n
+        end = time.perf_counter()
+        times[name] = {"ttft_s": round(first - start, 2), "total_s": round(end - start, 2),
+                       "decode_tokens_per_s": round((n - 1) / (end - first), 1) if n > 1 else None}
+
+    try:
+        ask("warm", QUESTION, 4)
+        ask("alone", heavy_prompt(100), long_tokens)
+        threads = [threading.Thread(target=ask, args=(f"long{i}", heavy_prompt(101 + i), long_tokens)) for i in range(2)]
+        threads.append(threading.Thread(target=ask, args=("short", QUESTION, short_tokens)))
+        for i, t in enumerate(threads):
+            t.start()
+            time.sleep([0.2, 1.0, 0][i])  # the second long one 0.2 s after the first, the question 1 s later
+        for t in threads:
+            t.join()
+    finally:
+        manager.unload()
+    return {"replies": replies, "alone": times["alone"], "short": times["short"],
+            "longs_total_s": [times["long0"]["total_s"], times["long1"]["total_s"]]}
+
+
+def transformers_run() -> dict:
+    print("6 transformers: a short question beside two long prompts, sliced and one at a time ...", flush=True)
+    return {"date": time.strftime("%Y-%m-%d"), "cpus": len(os.sched_getaffinity(0)), "prompt_tokens": tokens_of(heavy_prompt(0)),
+            "sliced": transformers_part(4), "one_at_a_time": transformers_part(1)}
+
+
 def run(names: list[str], llama_server: str | None, seconds: float, rounds: int, flood_requests: int,
         out: Path) -> dict:
     prompt_tokens = tokens_of(heavy_prompt(0))
@@ -385,6 +437,8 @@ def run(names: list[str], llama_server: str | None, seconds: float, rounds: int,
     finally:
         for server in servers.values():
             server.stop()
+    save()
+    result["transformers"] = transformers_run()  # alone on the machine: every server has stopped
     save()
     return result
 
@@ -449,6 +503,9 @@ def table(r: dict) -> str:
                     f"{f['answered']} answered, {f['refused_4xx']} refused with a 4xx, {f['errors']} errors, in "
                     f"{f['wall_s']} s; a short question 5 s in got its first token in {ttft} (goal: 0 errors, "
                     f"<= {TARGETS['flood_small_ttft_s']:.0f} s)."]
+    t = r.get("transformers")
+    if t:
+        out += ["", transformers_table(t)]
     verdicts = verdict(r)
     if verdicts:
         out += ["", "Targets: " + "; ".join(f"{k} {'met' if ok else 'MISSED'} ({why})" for k, (ok, why) in verdicts.items()) + "."]
@@ -461,6 +518,19 @@ def table(r: dict) -> str:
         if errs:
             out.append(f"\n{name}'s errors (examples): " + " | ".join(e[:150] for e in errs))
     return "\n".join(out)
+
+
+def transformers_table(t: dict) -> str:
+    s, o = t["sliced"], t["one_at_a_time"]
+    return "\n".join([
+        f"Transformers (one reply at a time; in process, the embedded model; {t['date']}, {t['cpus']} cores): a short "
+        f"question asked 1 s after two ~{t['prompt_tokens']:,}-token prompts", "",
+        "| | sliced (`replies = 4`) | one at a time (`replies = 1`) |", "| --- | --- | --- |",
+        f"| the short question's first token | {s['short']['ttft_s']} s | {o['short']['ttft_s']} s |",
+        f"| the two long replies done after | {' / '.join(map(str, s['longs_total_s']))} s | "
+        f"{' / '.join(map(str, o['longs_total_s']))} s |",
+        f"| one long prompt alone: first token / decode tok/s | {s['alone']['ttft_s']} s / "
+        f"{s['alone']['decode_tokens_per_s']} | {o['alone']['ttft_s']} s / {o['alone']['decode_tokens_per_s']} |"])
 
 
 def verdict(r: dict) -> dict[str, tuple[bool, str]]:
@@ -522,11 +592,21 @@ def main() -> None:
                     help="then (Confab only) N conversations of 1,000 messages at once, and a short question (0: skip)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fairness.json")
     ap.add_argument("--readme", action="store_true", help="also put the table in README.md")
+    ap.add_argument("--transformers-only", action="store_true",
+                    help="only part 6 (transformers), merged into the JSON of the last run")
     args = ap.parse_args()
     # A `timeout` or Ctrl-C still stops the servers this started (run()'s `finally`).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     names = ["confab"] + ([] if args.skip_peers else ["llama_cpp.server"]) + (["llama-server"] if args.llama_server else [])
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.transformers_only:
+        result = json.loads(args.out.read_text()) if args.out.exists() else {"servers": {}, "seconds": args.seconds}
+        result["transformers"] = transformers_run()
+        args.out.write_text(json.dumps(result, indent=2))
+        print(transformers_table(result["transformers"]))
+        if args.readme and "machine" in result:
+            update_readme(result)
+        return
     result = run(names, args.llama_server, args.seconds, args.rounds, args.flood, args.out)
     print(table(result))
     print(f"wrote {args.out}")
