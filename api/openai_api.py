@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import queue
@@ -306,8 +307,24 @@ def to_params(req: SamplingRequest, base: GenerationParams, limits: Limits) -> G
         params = GenerationParams.from_dict(changes, base=base)
         limits.check_params(params)
     except ParamError as e:
-        raise _bad(str(e)) from e
+        raise _bad(*_named(str(e), req)) from e
     return params
+
+
+def _named(message: str, req: SamplingRequest) -> tuple[str, str | None]:
+    """A sampling error as the client sent it: the setting's API name in the message and as
+    `param` (GenerationParams says max_new_tokens where the request said max_tokens)."""
+    field = message.split(" ", 1)[0]
+    if field not in GENERATION_FIELDS:
+        return message, None
+    chat = isinstance(req, ChatRequest)
+    api = {"max_new_tokens": "max_completion_tokens" if chat and req.max_completion_tokens is not None
+           else "max_tokens", "logprobs": "top_logprobs" if chat else "logprobs",
+           "json_schema": "response_format"}.get(field, field)
+    return api + message[len(field):], api
+
+
+GENERATION_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationParams))
 
 
 MAX_N = 4  # choices one request may ask for: each takes an engine slot

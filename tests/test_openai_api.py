@@ -228,7 +228,9 @@ def test_penalties_are_taken_and_fields_nothing_here_reads_are_refused_by_name(c
                                        metadata={"run": "7"})
     assert r.choices[0].message.content
     base = {"model": "smollm2-llamacpp", "messages": PARIS, "max_tokens": 4}
-    for extra, field in (({"logit_bias": {"42": 5}}, "logit_bias"), ({"logprobs": True, "top_logprobs": 21}, "logprobs"),
+    for extra, field in (({"logit_bias": {"42": 5}}, "logit_bias"),
+                         ({"logprobs": True, "top_logprobs": 21}, 'top_logprobs asks for 0 to 20'),
+                         ({"max_completion_tokens": 0}, '"param":"max_completion_tokens"'),
                          ({"top_logprobs": 3}, "top_logprobs"), ({"functions": []}, "functions"),
                          ({"made_up": 1}, "made_up"), ({"presence_penalty": 3}, "presence_penalty"),
                          ({"response_format": {"type": "yaml"}}, "response_format"),
@@ -277,7 +279,7 @@ def test_text_completions_read_the_prompt_as_it_is(client, keyed_app):
     for change, field in (({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"),
                           ({"prompt": ""}, "prompt"), ({"prompt": None}, "prompt"), ({"suffix": "end."}, "suffix"),
                           ({"best_of": 2}, "best_of"), ({"logprobs": 21}, "logprobs"), ({"n": 2}, "n"),
-                          ({"made_up": 1}, "made_up"), ({"max_tokens": 0}, "max_new_tokens")):
+                          ({"made_up": 1}, "made_up"), ({"max_tokens": 0}, '"param":"max_tokens"')):
         r = httpx.post(keyed_app.url + "/v1/completions", json={**base, **change},
                        headers={"Authorization": "Bearer test-key"})
         assert r.status_code == 400 and field in r.text, (change, r.text)
