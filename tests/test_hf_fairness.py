@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import hf_spec
+from conftest import hf_spec, loaded_backend
 
 from backends import create, hf_engine
 from backends.base import BackendError, Cancel, GenerationParams, Message
@@ -63,24 +63,18 @@ def sliced(monkeypatch, tiny_model_dir):
     whatever the machine), prompts read in chunks of 64 tokens (128 alone) and slices of one token."""
     monkeypatch.setattr(hf_engine, "SLICE_S", 0.0)
     monkeypatch.setattr("backends.hf.chunk_size", lambda tokens, seconds: 64)
-    spec = hf_spec(tiny_model_dir, n_ctx=8192)  # rotary positions: the tiny Llama reads past its 512
-    backend = create(spec)
-    backend.load(spec)
-    backend._chunk = 64
-    original, forwards = backend.model.forward, []
+    # rotary positions: the tiny Llama reads past its 512
+    with loaded_backend(hf_spec(tiny_model_dir, n_ctx=8192)) as backend:
+        backend._chunk = 64
+        original, backend.forwards = backend.model.forward, []
 
-    def slow_forward(*args, **kwargs):
-        forwards.append(kwargs.get("input_ids", args[0] if args else None).shape[-1])
-        time.sleep(0.02)
-        return original(*args, **kwargs)
+        def slow_forward(*args, **kwargs):
+            backend.forwards.append(kwargs["input_ids"].shape[-1])
+            time.sleep(0.02)
+            return original(*args, **kwargs)
 
-    backend.model.forward = slow_forward
-    backend.forwards = forwards
-    try:
+        monkeypatch.setattr(backend.model, "forward", slow_forward)
         yield backend
-    finally:
-        del backend.model.forward
-        backend.unload()
 
 
 def started_reading(backend, chunks=2):
@@ -167,11 +161,8 @@ def smol():
     """The embedded SmolLM2 in transformers: a real model, whose text depends on every token read."""
     from presets import load_model_presets
 
-    spec = load_model_presets()["smollm2-transformers"]
-    backend = create(spec)
-    backend.load(spec)
-    yield backend
-    backend.unload()
+    with loaded_backend(load_model_presets()["smollm2-transformers"]) as backend:
+        yield backend
 
 
 def document(n: int, sentences: int) -> list[Message]:
