@@ -439,9 +439,12 @@ def build_router(manager: ModelManager, model_id: Any, limits: Limits | None = N
 
     def checked_params(req: SamplingRequest) -> GenerationParams:
         params = to_params(req, limits.clamp(manager.default_params()), limits)
-        if req.n > 1 and manager.capacity() < req.n:  # the engine would answer them one after another
+        # The choices are written side by side, and one request may take at most half of the
+        # engine's places: the rest are for other people (transformers shares 4 a slice at a time).
+        if req.n > 1 and manager.capacity() < 2 * req.n:
             raise _bad(f"n={req.n} needs {req.n} replies side by side; the {manager.describe().get('backend')} engine "
-                       f"here answers {manager.capacity()} at a time. Ask with a smaller n, or ask again.", "n")
+                       f"here answers {manager.capacity()} at a time, and one request may take at most half of them. "
+                       "Ask with a smaller n, or ask again.", "n")
         try:
             manager.check_params(params)  # a setting this engine lacks: a 400 now, not an error mid-stream
         except ParamError as e:

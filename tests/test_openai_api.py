@@ -287,6 +287,19 @@ def test_text_completions_read_the_prompt_as_it_is(client, keyed_app):
     assert r.status_code == 401  # the door guards it like the rest of /v1
 
 
+def test_n_choices_take_at_most_half_of_the_engines_places():
+    """One request's choices leave the other half of the engine for other people."""
+    app = RunningApp("--concurrency", "4")
+    try:
+        body = {"model": "smollm2-llamacpp", "messages": PARIS, "max_tokens": 2}
+        r = httpx.post(app.url + "/v1/chat/completions", json={**body, "n": 2}, timeout=120)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
+        r = httpx.post(app.url + "/v1/chat/completions", json={**body, "n": 3}, timeout=120)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "at most half" in r.text, r.text
+    finally:
+        app.stop()
+
+
 def test_n_choices_are_written_at_once_each_its_own(tmp_path):
     """n > 1 where the engine batches (llama.cpp): n replies side by side, choice i sampled with
     seed + i, streamed with their own index and finish, usage counting the prompt once."""
