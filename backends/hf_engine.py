@@ -77,7 +77,7 @@ class InferenceThread:
         self.idle = threading.Event()
         self.idle.set()
         self._queue: "queue.Queue[tuple[Callable[[HFJob], Iterator[None]], HFJob] | None]" = queue.Queue()
-        self._live = 0  # replies on the thread now (started or not); read by contended()
+        self._turns: list[_Turn] = []  # replies on the thread now (started or not); only the thread touches it
         self._new_run = 0  # how many slices in a row went to replies that had not started
         self._thread = threading.Thread(target=self._loop, name="hf-inference", daemon=True)
         self._thread.start()
@@ -90,7 +90,7 @@ class InferenceThread:
 
     def contended(self) -> bool:
         """Whether a reply other than the one running waits for the thread (read between tokens)."""
-        return self._live > 1 or not self._queue.empty()
+        return len(self._turns) > 1 or not self._queue.empty()
 
     def stop(self) -> None:
         self.closing.set()
@@ -103,16 +103,14 @@ class InferenceThread:
         return not self._thread.is_alive()
 
     def _loop(self) -> None:
-        live: list[_Turn] = []
+        live = self._turns
         try:
             while True:
-                self._live = len(live)
                 if not live:
                     self.idle.set()
                 if not self._take(live):
                     return
                 self._drop_stopped(live)
-                self._live = len(live)
                 if live:
                     self.idle.clear()
                     self._step(live)
