@@ -107,7 +107,8 @@ def test_regenerate_keeps_versions_and_continue_extends_a_cut_off_reply(page, ap
     page.press("#max-new-tokens input[type=number]", "Enter")
     send(page, "Write a long story about a brave dragon who learns to read.")
     wait_done(page)
-    assert "cut off" in page.inner_text("#status")
+    status = page.inner_text("#status")  # (once seen without: the reply's text then says why)
+    assert "cut off" in status, (status, texts(page, BOT))
     page.wait_for_selector("#continue", state="visible", timeout=10_000)
     before = texts(page, BOT)[-1]
     page.click("#continue")
@@ -168,3 +169,50 @@ def test_phone_layout_keeps_input_send_stop_and_status_in_the_first_screen(brows
     send_box, stop_box = page.locator("#send").bounding_box(), page.locator("#stop").bounding_box()
     assert abs(send_box["y"] - stop_box["y"]) < 5  # Send and Stop on one row
     page.screenshot(path=str(DOCS / "phone.png"))
+
+
+def test_a_reply_in_its_middle_survives_a_reload_and_a_server_restart(browser, tmp_path):  # noqa: F811
+    """Without a login the browser keeps the chats, and gets its copy when a reply ends; meanwhile
+    the server holds the chat (the question at once, the reply every 2 s), so a reload, or a
+    restart of the server, in the middle of a reply loses neither the question nor what came."""
+    port, state = free_port(), tmp_path / "state"
+    app = RunningApp("--state-dir", str(state), port=port)
+    count = "Count from 1 to 1000, one number per line, and write nothing else."
+    try:
+        page = open_page(browser.new_context(viewport={"width": 1400, "height": 900}), app.url)
+        page.click("text=Sampling")
+        page.fill("#max-new-tokens input[type=number]", "3000")
+        page.press("#max-new-tokens input[type=number]", "Enter")
+        send(page, count)
+        streaming(page, 20)
+        page.reload(wait_until="domcontentloaded")
+        wait_chat(page, 1)
+        assert texts(page, USER)[-1].strip() == count
+        page.wait_for_function(f"document.querySelectorAll('{LIST}').length == 1", timeout=10_000)
+        assert titles(page)[0].startswith("Count from 1 to 1000")
+        # Then a restart: a new question, and the server stops while its reply streams.
+        page.click("#new-chat")
+        wait_chat(page, 0)
+        send(page, "Now count from 1000 down to 1, one number per line.")
+        streaming(page, 20)
+        time.sleep(2.5)  # a checkpoint of the reply was written
+        shown = texts(page, BOT)[-1]
+    finally:
+        app.stop()
+    app = RunningApp("--state-dir", str(state), port=port)
+    try:
+        page.reload(wait_until="domcontentloaded")
+        wait_chat(page, 1)
+        assert "down to 1" in texts(page, USER)[-1]
+        kept = texts(page, BOT)[-1]
+        assert kept.split()[:3] == shown.split()[:3], (shown, kept)  # what streamed before the stop
+        assert len(titles(page)) == 2
+    finally:
+        app.stop()
+
+
+def streaming(page, chars):
+    """Until the reply being written shows `chars` characters (it is still streaming)."""
+    page.wait_for_function(f"[...document.querySelectorAll(\"{BOT}\")].pop()?.innerText.trim().length > {chars}",
+                           timeout=60_000)
+    assert "Thinking" in page.inner_text("#status") or "tok/s" not in page.inner_text("#status")

@@ -124,6 +124,40 @@ def test_the_store_keeps_each_logins_conversations_apart(tmp_path):
     assert store.load("bob") == []  # a row no one can read is skipped
 
 
+def test_the_store_holds_a_browsers_chats_apart_bounded_and_until_the_browser_has_them(tmp_path, monkeypatch):
+    import web.store as store_module
+
+    store = ConversationStore(tmp_path / "c.sqlite3")
+    mine, theirs = "a" * 32, "b" * 32
+    conv = cv.from_history([user("held")])
+    store.hold(mine, conv)
+    assert [c["id"] for c in store.held(mine)] == [conv["id"]] and store.held(theirs) == []
+    with sqlite3.connect(tmp_path / "c.sqlite3") as db:  # the browser's key itself is not stored
+        assert mine not in json.dumps(db.execute("SELECT * FROM pending").fetchall())
+    # A copy the browser has, as new or newer, releases it; an older copy does not.
+    store.release(mine, {conv["id"]: conv["updated"] - 1})
+    assert len(store.held(mine)) == 1
+    store.release(theirs, {conv["id"]: float("inf")})  # another browser releases nothing of mine
+    assert len(store.held(mine)) == 1
+    store.release(mine, {conv["id"]: conv["updated"]})
+    assert store.held(mine) == []
+    # Bounded: per browser, in bytes in all (the oldest go first), and in time.
+    for i in range(store_module.HOLD_PER_BROWSER + 3):
+        c = cv.from_history([user(f"chat {i}")])
+        c["updated"] = 1000.0 + i + time.time()
+        store.hold(mine, c)
+    assert [c["title"] for c in store.held(mine)][-1] == "chat 3" and len(store.held(mine)) == store_module.HOLD_PER_BROWSER
+    big = cv.from_history([user("x" * 4000)])
+    big["updated"] = time.time() + 5000
+    monkeypatch.setattr(store_module, "HOLD_BYTES", len(json.dumps(big)) + 100)  # room for it alone
+    store.hold(theirs, big)
+    assert store.held(mine) == [] and len(store.held(theirs)) == 1  # the newest stays
+    old = cv.from_history([user("old")])
+    old["updated"] = time.time() - store_module.HOLD_S - 60
+    store.hold(mine, old)
+    assert store.held(mine) == []
+
+
 # ---- the page's handlers, over a named fake engine -------------------------------------------
 @pytest.fixture
 def handlers(fake, tmp_path):
@@ -230,3 +264,54 @@ def test_a_page_load_that_comes_after_the_pages_first_send_does_not_bring_an_old
     assert handlers.load_status(request=page) == gr.skip()  # the reply's own status line stays
     other = handlers.restore(out[-1], None, request=SimpleNamespace(username=None, session_hash="page-2"))
     assert other[-1] == gr.skip() and len(other[0]["convs"]) == 2  # a fresh page gets both back
+
+
+def test_a_browsers_reply_survives_a_reload_a_closed_tab_and_a_restart_in_its_middle(handlers, fake, tmp_path,
+                                                                                  monkeypatch):
+    """A person without a login keeps chats in the browser, which gets its copy when a reply ends.
+    Meanwhile the server holds the chat (the question first, then the reply every CHECKPOINT_S),
+    so a page loaded in the middle of the reply, or after the tab closed or the server restarted,
+    gets it back; once the browser has a copy, nothing of it stays held."""
+    from types import SimpleNamespace
+
+    import ui.handlers as handlers_module
+    from ui.conversations import browser_key
+    from ui.handlers import Handlers
+    from web.policy import Limits
+    from web.state import StateDir
+
+    monkeypatch.setattr(handlers_module, "CHECKPOINT_S", 0.0)
+    fake._backend.step_delay = 0.05
+    page = SimpleNamespace(username=None, session_hash="page-a")
+    out = handlers.restore(None, None, request=page)  # a first visit: the browser gets its key at once
+    book, saved = out[0], out[-1]
+    key = browser_key(saved)
+    assert key and book["key"] == key and saved["conversations"] == []
+    assert handlers.restore(saved, None, request=page)[-1] == gr.skip()  # nothing to write next time
+
+    def reload(saved, handlers=handlers):
+        out = handlers.restore(saved, None, request=SimpleNamespace(username=None, session_hash="page-b"))
+        return out[0], out[1], out[-1]
+
+    reply = handlers.respond("Hi", [], "", *VALUES, book, "send-1", request=page)
+    next(reply)  # the reply has begun: its question is held
+    other, chat, copy = reload(saved)
+    assert [m["content"] for m in clean_history(chat)][:1] == ["Hi"] and browser_key(copy) == key
+    for out in reply:  # until some of the answer streamed
+        if out[1] != gr.skip() and clean_history(out[1])[-1]["content"]:
+            break
+    reply.close()  # the tab is closed (or reloaded) before the reply ends
+    assert store_held(handlers, key)  # still held: the browser has no copy of the reply yet
+    restarted = Handlers(fake, {}, {}, limits=Limits(messages=6, conversations=2), state=StateDir(tmp_path))
+    other, chat, copy = reload(saved, restarted)  # a new process, the same state folder
+    said = clean_history(chat)
+    assert said[0]["content"] == "Hi" and said[-1]["role"] == "assistant" and said[-1]["content"]
+    assert [c["id"] for c in copy["conversations"]] == [book["current"]]
+    assert store_held(handlers, key) == []  # the page's load sent the browser its copy
+    # Another browser's key gets nothing of it; a forged key is replaced, not trusted.
+    assert reload({"key": "c" * 32})[0]["convs"] == {}
+    assert browser_key(reload({"key": "../" + key})[2]) not in (None, key)
+
+
+def store_held(handlers, key):
+    return handlers.store.held(key)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -75,6 +76,7 @@ class ConversationPanel:
         nothing); anyone else's book goes back to their browser (the returned value)."""
         if login(request) is None:
             value = browser_value(book)
+            self._release(book, {c["id"]: c["updated"] for c in book["convs"].values()})
             size = len(json.dumps(value, ensure_ascii=False).encode())
             if size > BROWSER_BYTES:
                 gr.Warning(f"This browser keeps {size / 1e6:.1f} MB of chats for this page, near what a browser "
@@ -84,6 +86,29 @@ class ConversationPanel:
         if conv is not None:
             self.save_for_login(request, conv)
         return gr.skip()
+
+    def checkpoint(self, book: Any, request: gr.Request | None, conv: dict[str, Any]) -> None:
+        """A reply's chat as it streams, kept on the server: a login's where it lives, a browser's
+        held until that browser has it (ConversationStore.hold), so a reload, a closed tab or a
+        restart in the middle of a reply loses nothing."""
+        if login(request) is not None:
+            self.save_for_login(request, conv)
+            return
+        key = browser_key(book)
+        if key is None or not cv.size(conv):
+            return
+        try:
+            self.store.hold(key, conv)
+        except Exception:  # noqa: BLE001 - a full disk must not end the reply; the browser still gets it after
+            log.exception("could not hold a browser's conversation")
+
+    def _release(self, book: dict[str, Any], copies: dict[str, float]) -> None:
+        key = browser_key(book)
+        if key is not None:
+            try:
+                self.store.release(key, copies)
+            except Exception:  # noqa: BLE001 - what stays held is offered again, never lost
+                log.exception("could not release a browser's held conversations")
 
     def save_for_login(self, request: gr.Request | None, conv: dict[str, Any]) -> None:
         """A login's conversation, written to the server (an empty one waits for its first message)."""
@@ -107,13 +132,38 @@ class ConversationPanel:
             except ParamError:
                 continue
             book["convs"][conv["id"]] = conv
-        first = cv.newest_first(book["convs"].values())
         current = saved.get("current") if isinstance(saved, dict) and user is None else None
+        if user is None:
+            # This browser's key (its attachments and held chats are its own across reloads); a
+            # browser without one gets one now, so what is held for it later can come back.
+            book["key"] = browser_key(saved) or secrets.token_hex(16)
+            for conv in self._held(book):
+                current = conv["id"] if current not in book["convs"] else current
+                book["convs"][conv["id"]] = conv
+        first = cv.newest_first(book["convs"].values())
         book["current"] = current if current in book["convs"] else (first[0]["id"] if first else None)
-        key = saved.get("key") if isinstance(saved, dict) and user is None else None
-        if isinstance(key, str) and re.fullmatch(r"[0-9a-f]{32}", key):
-            book["key"] = key  # this browser's attachments stay its own across reloads
         return book
+
+    def _held(self, book: dict[str, Any]) -> list[dict[str, Any]]:
+        """What the server holds for this browser that is newer than the browser's own copy (a
+        reply it did not see end: the page was reloaded or closed, or the server restarted)."""
+        try:
+            raw = self.store.held(book["key"])
+        except Exception:  # noqa: BLE001 - the browser's own copy still loads
+            log.exception("could not read a browser's held conversations")
+            return []
+        out = []
+        for data in raw:
+            try:
+                conv = cv.from_data(data, clean_history, self.limits.messages)
+            except ParamError:
+                continue
+            mine = book["convs"].get(conv["id"])
+            if mine is None and len(book["convs"]) + len(out) >= self.limits.conversations:
+                continue
+            if mine is None or conv["updated"] > mine["updated"]:
+                out.append(conv)
+        return out
 
     @staticmethod
     def owner_key(book: Any, request: gr.Request | None) -> str:
@@ -124,7 +174,7 @@ class ConversationPanel:
             return f"login:{user}"
         if not isinstance(book, dict):
             return secrets.token_hex(16)  # an API call without a page: its files are its own
-        if not (isinstance(book.get("key"), str) and len(book["key"]) == 32):
+        if browser_key(book) is None:
             book["key"] = secrets.token_hex(16)
         return "browser:" + book["key"]
 
@@ -173,9 +223,13 @@ class ConversationPanel:
 
     # ---- events -------------------------------------------------------------------------------
     def restore(self, saved: Any, request: gr.Request = None):
-        """Page load: the conversations this browser or login kept."""
+        """Page load: the conversations this browser or login kept, then the browser's copy (a new
+        one only when the browser lacks something: its key, or a chat the server held for it)."""
         book = self.open_book(saved, request)
-        return (*self.view(book), *self.settings_of(book))
+        copies = _copies(saved)
+        stale = login(request) is None and (browser_key(saved) != book["key"] or any(
+            copies.get(conv_id) != conv["updated"] for conv_id, conv in book["convs"].items()))
+        return (*self.view(book), *self.settings_of(book), self.persist(book, request) if stale else gr.skip())
 
     # Every event below takes raw values from the page (a crafted request can send anything): ids
     # are looked up only when they are text, and errors come back as messages (`shown`).
@@ -219,6 +273,8 @@ class ConversationPanel:
             return UNCHANGED
         if login(request) is not None:
             self.store.delete(login(request), conv["id"])
+        else:
+            self._release(book, {conv["id"]: math.inf})
         rest = cv.newest_first(book["convs"].values())
         book["current"] = rest[0]["id"] if rest else None
         gr.Info(f"Deleted “{conv['title']}”.")
@@ -345,6 +401,18 @@ def browser_value(book: dict[str, Any]) -> dict[str, Any]:
     against the value it last sent, so a value changed in place afterwards would look unchanged)."""
     return copy.deepcopy({"v": BROWSER_VERSION, "current": book.get("current"), "key": book.get("key"),
                           "conversations": cv.newest_first(book["convs"].values())})
+
+
+def browser_key(value: Any) -> str | None:
+    """A browser's own random key (kept with its conversations, encrypted, never shown), if `value`
+    (a book, or what a browser sent) holds a well-formed one."""
+    key = value.get("key") if isinstance(value, dict) else None
+    return key if isinstance(key, str) and re.fullmatch(r"[0-9a-f]{32}", key) else None
+
+
+def _copies(saved: Any) -> dict[str, Any]:
+    """{id: updated} of the conversations a browser sent (unchecked: only compared)."""
+    return {c.get("id"): c.get("updated") for c in _browser_convs(saved) if isinstance(c, dict)}
 
 
 def _browser_convs(saved: Any) -> list[Any]:

@@ -49,7 +49,7 @@ from .chat import (
     to_messages,
     unmark,
 )
-from .conversations import SETTINGS, ConversationPanel, as_book, login, versions_menu
+from .conversations import SETTINGS, ConversationPanel, as_book, versions_menu
 from .errors import checked, shown
 from .models import ModelPanel
 from .prompt_view import PromptView
@@ -61,7 +61,7 @@ SETTLE_S = 2.0  # how long an action waits for the reply it stopped to hand back
 STOPPED_KEPT = 4  # Sends a Stop named before they began, remembered per session
 STOPPED_SESSIONS = 10_000  # ... in this many sessions at most
 STOP_WAIT_S = 0.25  # how long a Stop waits for a reply its Send has not begun (both are queued: ms apart)
-CHECKPOINT_S = 2.0  # a login's reply is written to the server this often while it streams
+CHECKPOINT_S = 2.0  # a reply is written to the server this often while it streams (a login's, or held for a browser)
 
 
 class Handlers(ConversationPanel, ModelPanel, PromptView):
@@ -99,7 +99,7 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
         on screen as it is), and the browser's copy gets them all back. Outputs: a view, the
         settings, and the browser's copy."""
         if _owner(request) not in self._began or not isinstance(book, dict) or not isinstance(book.get("convs"), dict):
-            return (*super().restore(saved, request), gr.skip())
+            return super().restore(saved, request)
         kept = self.open_book(saved, request)
         for conv_id, conv in kept["convs"].items():
             book["convs"].setdefault(conv_id, conv)
@@ -317,7 +317,7 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
             node, start = cv.add_reply(conv), len(history)
         conv["nodes"][node].pop("finish", None)
         reply = self.manager.reply(messages, params, owner, tools=toolset)
-        live = _Live(reply, list(history), conv, node, start, target.send)
+        live = _Live(reply, list(history), conv, node, start, target.book, target.send)
         with self._live_lock:
             if owner is not None:
                 # Two Sends at once (a double Enter): the older is stopped, never left untracked.
@@ -351,7 +351,7 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
         else:
             message = {"role": "assistant", "content": ""}
             shown_.append(message)
-        self.save_for_login(request, conv)  # the question is kept before the reply begins
+        self.checkpoint(book, request, conv)  # the question is kept before the reply begins
         yield ("" if clear_input else gr.skip()), for_page(shown_, self.page_file), "Thinking…", book, self.listing(book), gr.skip(), \
             gr.update(visible=False)
         last_frame = last_save = time.monotonic()
@@ -385,10 +385,10 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
                 if now - last_frame >= FRAME_S:
                     last_frame = now
                     yield gr.skip(), for_page(shown_, self.page_file), *(gr.skip(),) * 5
-                if now - last_save >= CHECKPOINT_S and login(request) is not None:
-                    last_save = now  # a login's reply is on the server even if this process dies mid-reply
+                if now - last_save >= CHECKPOINT_S:
+                    last_save = now  # the reply is on the server even if the page or this process goes
                     cv.set_messages(conv, live.node, shown_[live.start:])
-                    self.save_for_login(request, conv)
+                    self.checkpoint(book, request, conv)
         if thought is not None:
             thought.update(thinking_message(reply.reasoning, reply.thinking_s, True))
         if not message["content"].strip():
@@ -423,7 +423,7 @@ class Handlers(ConversationPanel, ModelPanel, PromptView):
                 conv["nodes"][live.node]["finish"] = "length"
         elif conv["end"] == live.node:
             cv.remove(conv, live.node)
-        self.save_for_login(request, conv)
+        self.checkpoint(live.book, request, conv)
 
     def _ended_line(self, reply: Reply, request) -> str:
         if reply.finish_reason == "cancelled":
@@ -548,6 +548,7 @@ class _Live:
     conv: dict[str, Any]  # the conversation it belongs to
     node: str  # its turn in that conversation's tree
     start: int  # where its messages begin in `shown`
+    book: Any  # the session's conversations (a browser's held chats are keyed by its own key there)
     send: str = ""  # the page's name for the action that asked for it
     recorded: bool = False
     superseded: bool = False  # stopped by another action of the session, which shows the chat itself

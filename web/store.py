@@ -19,6 +19,7 @@ import re
 import secrets
 import sqlite3
 import threading
+import time
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,28 @@ CREATE TABLE IF NOT EXISTS conversations (
     PRIMARY KEY (owner, id)
 );
 CREATE INDEX IF NOT EXISTS by_owner ON conversations (owner, updated DESC);
+CREATE TABLE IF NOT EXISTS pending (
+    holder TEXT NOT NULL,
+    id TEXT NOT NULL,
+    updated REAL NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (holder, id)
+);
+CREATE INDEX IF NOT EXISTS pending_by_time ON pending (updated);
 """
+# What the server holds of chats kept in browsers (ConversationStore.hold): a reply's chat while it
+# streams, until its browser has it. Bounded in time, per browser and in all.
+HOLD_S = 7 * 24 * 3600  # a browser that never comes back loses its held chats after this long
+HOLD_PER_BROWSER = 8  # conversations held for one browser (one streams at a time per tab)
+HOLD_BYTES = 256 * 1024**2  # held in all; past it the oldest go first
 
 
 class ConversationStore:
+    """Logins' conversations, and (`hold`) the chat of a reply streaming for a browser that keeps
+    its own: written as it streams like a login's, so a reload, a closed tab or a restart of the
+    server in the middle of a reply loses nothing; the browser takes it back (`held`) on its next
+    page load, and it is dropped (`release`) once the browser has a copy as new."""
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()  # one writer at a time (SQLite allows one anyway; no busy errors)
@@ -75,6 +94,50 @@ class ConversationStore:
     def delete(self, owner: str, conv_id: str) -> None:
         with self._lock, closing(self._connect()) as db, db:
             db.execute("DELETE FROM conversations WHERE owner = ? AND id = ?", (owner, conv_id))
+
+    # ---- chats held for browsers ------------------------------------------------------------
+    @staticmethod
+    def _holder(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()  # the browser's key itself is not stored
+
+    def hold(self, key: str, conv: dict[str, Any]) -> None:
+        """Keep `conv` for the browser whose secret key is `key` until it has a copy as new."""
+        data = json.dumps(conv, ensure_ascii=False, separators=(",", ":"))
+        holder = self._holder(key)
+        with self._lock, closing(self._connect()) as db, db:
+            db.execute("INSERT INTO pending (holder, id, updated, data) VALUES (?, ?, ?, ?) ON CONFLICT (holder, id) "
+                       "DO UPDATE SET updated = excluded.updated, data = excluded.data",
+                       (holder, conv["id"], conv["updated"], data))
+            db.execute("DELETE FROM pending WHERE holder = ? AND id NOT IN (SELECT id FROM pending WHERE holder = ? "
+                       "ORDER BY updated DESC LIMIT ?)", (holder, holder, HOLD_PER_BROWSER))
+            db.execute("DELETE FROM pending WHERE updated < ?", (time.time() - HOLD_S,))
+            db.execute("DELETE FROM pending WHERE rowid IN (SELECT rowid FROM (SELECT rowid, SUM(LENGTH(data)) OVER "
+                       "(ORDER BY updated DESC) AS total FROM pending) WHERE total > ?)", (HOLD_BYTES,))
+
+    def held(self, key: str) -> list[Any]:
+        """What is held for a browser, newest first, as stored (the caller checks them)."""
+        with closing(self._connect()) as db:
+            rows = db.execute("SELECT data FROM pending WHERE holder = ? ORDER BY updated DESC",
+                              (self._holder(key),)).fetchall()
+        out = []
+        for (data,) in rows:
+            try:
+                out.append(json.loads(data))
+            except (json.JSONDecodeError, RecursionError):
+                continue
+        return out
+
+    def release(self, key: str, copies: dict[str, float]) -> None:
+        """The browser has these conversations ({id: updated}; inf: deleted there): what is held of
+        them and no newer goes."""
+        holder = self._holder(key)
+        with closing(self._connect()) as db:  # most calls find nothing held: a read, no write
+            rows = db.execute("SELECT id, updated FROM pending WHERE holder = ?", (holder,)).fetchall()
+        done = [(holder, conv_id, copies[conv_id]) for conv_id, updated in rows
+                if conv_id in copies and updated <= copies[conv_id]]
+        if done:  # a newer checkpoint written meanwhile stays
+            with self._lock, closing(self._connect()) as db, db:
+                db.executemany("DELETE FROM pending WHERE holder = ? AND id = ? AND updated <= ?", done)
 
     def count(self, owner: str) -> int:
         with closing(self._connect()) as db:
